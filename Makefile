@@ -1,0 +1,29 @@
+# Two commands on a fresh machine with Python 3.11 and make:
+#   make demo   runs the op forward+backward, compiles it and exports it
+#   make test   runs the test suite
+# Each creates .venv and installs what it needs. torch is pinned to the CPU build that
+# installs from local disk here; override with `make TORCH_SPEC="torch==2.11.0" test`.
+PYTHON ?= python3.11
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m dilated_ops
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

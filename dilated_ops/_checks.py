@@ -1,0 +1,103 @@
+"""Argument validation with the error messages of SPEC section 1: one place, used by the ops
+(real and fake kernels, so compile-time tracing reports the same errors), configs and modules."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MODES = ("groups", "longnet")
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_int_list(name: str, values) -> list:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of positive ints: got {values!r}")
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} must not be empty: got {values!r}")
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{name} must be a list of positive ints: got {values!r}")
+        if x < 1:
+            raise ValueError(f"{name} must be positive: got {values!r}")
+    return values
+
+
+def check_segments(segment_lengths, dilation_rates) -> None:
+    """``w_i >= 1``, ``r_i >= 1``, ``w_i % r_i == 0``, equal lengths (SPEC section 1)."""
+    segment_lengths = check_int_list("segment_lengths", segment_lengths)
+    dilation_rates = check_int_list("dilation_rates", dilation_rates)
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            "segment_lengths and dilation_rates must have same length: "
+            f"got {len(segment_lengths)} and {len(dilation_rates)}"
+        )
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        if w % r:
+            raise ValueError(
+                f"segment_lengths[{i}] ({w}) must be divisible by dilation_rates[{i}] ({r})"
+            )
+
+
+def check_mode(mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'groups' or 'longnet': got {mode!r}")
+
+
+def check_dropout(dropout_p) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1): got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1): got {dropout_p!r}")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k, v: tensors of one supported float dtype, one device, one shape
+    ``(batch, seq, heads, head_dim)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor: got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, seq, heads, head_dim): got shape {_shape(t)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} must be float16, bfloat16, float32 or float64: got {t.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype: got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device: got {q.device}, {k.device}, {v.device}")
+    if not (_shape(q) == _shape(k) == _shape(v)):
+        raise ValueError(
+            "q, k and v must have the same shape (batch, seq, heads, head_dim): got "
+            f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (cross-attention with another key "
+            "length is not supported by dilated attention)"
+        )
+
+
+def check_num_groups(num_heads: int, num_groups: int) -> None:
+    if num_heads < num_groups:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be >= number of segment groups ({num_groups})"
+        )
+
+
+def check_dilated_args(
+    q, k, v, segment_lengths, dilation_rates, mode, scale: Optional[float], dropout_p
+) -> None:
+    """Everything :func:`dilated_attention` takes, checked in SPEC section 1's terms."""
+    check_qkv(q, k, v)
+    check_segments(segment_lengths, dilation_rates)
+    check_mode(mode)
+    check_dropout(dropout_p)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None: got {scale!r}")
+    if mode == "groups":
+        check_num_groups(q.shape[2], len(segment_lengths))

@@ -1,0 +1,1 @@
+"""Pure functions on tensors: no torch.library, no nn.Module."""

@@ -1,0 +1,163 @@
+"""One batch of ordinary softmax attention, forward and backward, on the fastest PyTorch
+backend for the device: ``(batch, heads, len, head_dim)`` in (any strides), ``out`` and the
+natural-log log-sum-exp ``lse`` ``(batch, heads, len)`` out.
+
+The backward takes ``(grad_out, q, k, v, out, lse)`` and, like every flash-style backward,
+recomputes ``P = exp(q k^T scale - lse)`` and ``delta = rowsum(grad_out * out)`` from what it is
+given; the dilated kernels rely on that to run the exact longnet backward (SPEC section 3).
+
+Backends (chosen per call, honouring ``torch.backends.cuda.*_sdp_enabled()`` so that
+``torch.nn.attention.sdpa_kernel`` steers them too):
+- ``cudnn``: CUDA fp16/bf16 (fastest on Hopper for these shapes, see PERF-NOTES);
+- ``flash``: CUDA fp16/bf16 when cuDNN is off or unavailable;
+- ``efficient``: CUDA float32;
+- ``cpu_flash``: CPU, every float dtype (PyTorch's CPU flash kernel, float64 included);
+- ``math``: anything else, and every call with dropout: explicit probabilities in plain torch
+  ops, O(len^2) memory per batch entry; dropout masks come from a seeded generator so the
+  backward regenerates the forward's mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+aten = torch.ops.aten
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the log-sum-exp for inputs of ``dtype``: float32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def select_backend(q: torch.Tensor, dropout_p: float) -> str:
+    if dropout_p > 0.0:
+        return "math"
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    if q.device.type == "cuda":
+        head_dim = q.shape[-1]
+        cuda = torch.backends.cuda
+        if q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
+            if (
+                head_dim <= 128
+                and cuda.cudnn_sdp_enabled()
+                and torch.backends.cudnn.is_available()
+                and torch.cuda.get_device_capability(q.device) >= (9, 0)
+            ):
+                return "cudnn"
+            if cuda.flash_sdp_enabled():
+                return "flash"
+        if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and cuda.mem_efficient_sdp_enabled():
+            return "efficient"
+    return "math"
+
+
+def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _math_probs(q, k, lse, is_causal, scale):
+    s = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    if is_causal:
+        lq, lk = s.shape[-2], s.shape[-1]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril_()
+        s = s.masked_fill(~keep, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s.to(lse_dtype(q.dtype)), dim=-1)
+    return torch.exp(s.to(lse.dtype) - lse.unsqueeze(-1)), lse
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``(B, H, L, D)`` q, k, v. Returns ``out`` ``(B, H, L, D)`` (any strides)
+    and ``lse`` ``(B, H, L)`` in :func:`lse_dtype`."""
+    backend = select_backend(q, dropout_p)
+    if backend == "cudnn":
+        res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
+        out, lse = res[0], res[1]
+        return out, (lse.squeeze(-1) if lse.dim() == 4 else lse)
+    if backend == "flash":
+        res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+        return res[0], res[1]
+    if backend == "efficient":
+        res = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal, scale=scale)
+        return res[0], res[1][..., : q.shape[-2]]
+    if backend == "cpu_flash":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+        return out, lse.to(lse_dtype(q.dtype))
+    p, lse = _math_probs(q, k, None, is_causal, scale)
+    if dropout_p > 0.0:
+        p = p * _dropout_mask(p.shape, dropout_p, seed, q.device) / (1.0 - dropout_p)
+    return torch.matmul(p.to(v.dtype), v), lse
+
+
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)``, each ``(B, H, L, D)``, of attention with probabilities
+    ``exp(q k^T scale - lse)`` and ``delta = rowsum(grad_out * out)``. ``lse`` ``(B, H, L)``."""
+    backend = select_backend(q, dropout_p)
+    length = q.shape[-2]
+    if backend == "cudnn":
+        empty = q.new_empty(0)
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out, q, k, v, out, lse.float().contiguous(), empty, empty, empty, empty, empty,
+            length, length, 0.0, is_causal, scale=scale,
+        )
+        return dq, dk, dv
+    if backend == "flash":
+        empty = q.new_empty(0)
+        return aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse.float().contiguous(), empty, empty, length, length, 0.0,
+            is_causal, empty, empty, scale=scale,
+        )
+    if backend == "efficient":
+        empty = q.new_empty(0, dtype=torch.int64)
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            grad_out, q, k, v, None, out, lse.float().contiguous(), empty, empty, 0.0,
+            [True, True, True, False], is_causal, scale=scale,
+        )
+        return dq, dk, dv
+    if backend == "cpu_flash":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse.to(q.dtype).contiguous(), 0.0, is_causal, scale=scale
+        )
+    p, _ = _math_probs(q, k, lse, is_causal, scale)
+    p = p.to(q.dtype)
+    dp = torch.matmul(grad_out, v.transpose(-2, -1))
+    if dropout_p > 0.0:
+        keep = _dropout_mask(p.shape, dropout_p, seed, q.device)
+        p_drop = p * keep / (1.0 - dropout_p)
+        dp = dp * keep / (1.0 - dropout_p)
+    else:
+        p_drop = p
+    dv = torch.matmul(p_drop.transpose(-2, -1), grad_out)
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, k) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), q) * scale
+    return dq, dk, dv
+
+
+def default_scale(head_dim: int, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

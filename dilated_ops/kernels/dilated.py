@@ -1,0 +1,129 @@
+"""Dilated attention (SPEC sections 2-3) on PyTorch's attention kernels, forward and backward.
+
+Every tensor is ``(batch, seq, heads, head_dim)``; the log-sum-exp is ``(batch, seq, heads)``.
+Each branch runs as one attention launch per piece of :func:`segments.segment_views` (the full
+segments, then the trailing partial one), on strided views: no gather, no index tensor, no
+Python loop over segments. Outputs and gradients are written into their buffers through the
+same views.
+
+The returned ``lse`` is what the backward needs:
+- groups: the branch's own log-sum-exp at the (position, head) it covers, ``-inf`` elsewhere;
+- longnet: ``logsumexp_i lse_i`` over the branches that select the (position, head).
+With it the longnet backward is, per branch, the plain attention backward fed with the combined
+output and the combined lse (``exp(s - LSE) = a_i * P_i``: SPEC section 3's union softmax), and
+the groups backward is the plain backward of each branch scaled by ``1 / G``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import attention
+from .segments import from_bhld, plan, segment_views, to_bhld
+
+
+def _dense_last(x: torch.Tensor) -> torch.Tensor:
+    """Attention kernels need a unit stride on head_dim and no broadcast (stride 0) dims; other
+    strides (e.g. q sliced out of a fused qkv projection) go through as views."""
+    if x.stride(-1) == 1 and all(s != 0 or n == 1 for s, n in zip(x.stride(), x.shape)):
+        return x
+    return x.contiguous()
+
+
+def _pieces(call, *tensors):
+    return zip(*(segment_views(t, call) for t in tensors))
+
+
+def dilated_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str = "groups",
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of dilated attention; q, k, v ``(batch, seq, heads, head_dim)``, already
+    validated. ``seed`` drives the dropout masks (used only when ``dropout_p > 0``)."""
+    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    b, n, h, d = q.shape
+    scale = attention.default_scale(d, scale)
+    num_branches = len(segment_lengths)
+    calls = plan(h, tuple(segment_lengths), tuple(dilation_rates), mode)
+    lse_dtype = attention.lse_dtype(q.dtype)
+    out = q.new_zeros(b, n, h, d)
+
+    if mode == "groups":
+        lse = q.new_full((b, n, h), float("-inf"), dtype=lse_dtype)
+        for ci, call in enumerate(calls):
+            for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
+                o_b, l_b = attention.forward(
+                    to_bhld(qp), to_bhld(kp), to_bhld(vp), is_causal, scale, dropout_p, seed + 2 * ci + pi
+                )
+                torch.div(from_bhld(o_b, outp), num_branches, out=outp)
+                lsep.copy_(from_bhld(l_b, lsep))
+        return out, lse
+
+    # longnet: every branch's output and lse first, then the softmax-weighted sum.
+    branch_lse = q.new_full((num_branches, b, n, h), float("-inf"), dtype=lse_dtype)
+    results = []
+    for ci, call in enumerate(calls):
+        for pi, (qp, kp, vp, blsep) in enumerate(_pieces(call, q, k, v, branch_lse[call.branch])):
+            o_b, l_b = attention.forward(
+                to_bhld(qp), to_bhld(kp), to_bhld(vp), is_causal, scale, dropout_p, seed + 2 * ci + pi
+            )
+            blsep.copy_(from_bhld(l_b, blsep))
+            results.append((call, pi, o_b, l_b))
+    lse = torch.logsumexp(branch_lse, dim=0)
+    for call, pi, o_b, l_b in results:
+        outp = segment_views(out, call)[pi]
+        weight = torch.exp(l_b - to_bhld(segment_views(lse, call)[pi]))
+        outp.add_(from_bhld(o_b * weight.unsqueeze(-1), outp))
+    return out, lse
+
+
+def dilated_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str = "groups",
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, each ``(batch, seq, heads, head_dim)``, given the forward's ``out`` and
+    ``lse`` and the upstream ``grad_out``."""
+    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    grad_out = grad_out.contiguous()
+    d = q.shape[-1]
+    scale = attention.default_scale(d, scale)
+    num_branches = len(segment_lengths)
+    calls = plan(q.shape[2], tuple(segment_lengths), tuple(dilation_rates), mode)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    groups = mode == "groups"
+    for ci, call in enumerate(calls):
+        pieces = _pieces(call, q, k, v, out, lse, grad_out, dq, dk, dv)
+        for pi, (qp, kp, vp, outp, lsep, gp, dqp, dkp, dvp) in enumerate(pieces):
+            # groups: the branch's own output is G * out (its share of the combine is 1/G);
+            # longnet: the combined output with the combined lse (see the module docstring).
+            o_in = to_bhld(outp) * num_branches if groups else to_bhld(outp)
+            grads = attention.backward(
+                to_bhld(gp), to_bhld(qp), to_bhld(kp), to_bhld(vp), o_in, to_bhld(lsep),
+                is_causal, scale, dropout_p, seed + 2 * ci + pi,
+            )
+            for dst, g in zip((dqp, dkp, dvp), grads):
+                if groups:
+                    torch.div(from_bhld(g, dst), num_branches, out=dst)
+                else:
+                    dst.add_(from_bhld(g, dst))
+    return dq, dk, dv

@@ -1,0 +1,86 @@
+"""The float64 oracle of SPEC sections 2-3: dense attention under explicit boolean masks.
+
+Slow (O(seq^2) memory per head) and written straight from the SPEC, sharing no code with the
+fast paths. Imported by tests and benchmarks only; differentiable by plain autograd.
+Layout: q, k, v ``(batch, seq, heads, head_dim)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+
+def branch_masks(n: int, w: int, r: int, offsets: torch.Tensor, is_causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For one branch ``(w, r)`` with per-head ``offsets`` ``(heads,)``: ``selected``
+    ``(heads, n)`` (the positions the branch selects) and ``allowed`` ``(heads, n, n)``
+    (query i may attend key j)."""
+    pos = torch.arange(n)
+    seg = pos // w
+    within = pos - seg * w
+    selected = (within.unsqueeze(0) % r) == offsets.unsqueeze(1)  # (heads, n)
+    same_segment = seg.unsqueeze(1) == seg.unsqueeze(0)  # (n, n)
+    allowed = selected.unsqueeze(2) & selected.unsqueeze(1) & same_segment
+    if is_causal:
+        allowed = allowed & (pos.unsqueeze(0) <= pos.unsqueeze(1))
+    return selected, allowed
+
+
+def _masked_attention(q, k, v, allowed, scale):
+    """Per-head masked attention; returns ``out`` (zero on rows with no allowed key) and
+    ``lse`` (``-inf`` there). q, k, v ``(b, n, h, d)``, allowed ``(h, n, n)``."""
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    row_ok = allowed.any(-1)  # (h, n)
+    s = torch.where(row_ok.unsqueeze(-1), s, torch.zeros((), dtype=s.dtype))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    out = torch.einsum("bhij,bjhd->bihd", p, v) * row_ok.T.unsqueeze(-1)
+    lse = lse.masked_fill(~row_ok, float("-inf")).transpose(1, 2)  # (b, n, h)
+    return out, lse
+
+
+def dilated_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str = "groups",
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Dilated attention of SPEC sections 2-3, computed in float64 and returned in q's dtype."""
+    dtype = q.dtype
+    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    b, n, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    num_branches = len(segment_lengths)
+    heads = torch.arange(h)
+    if mode == "groups":
+        size, extra = divmod(h, num_branches)
+        sizes = [size + (1 if i < extra else 0) for i in range(num_branches)]
+        group_of_head = torch.repeat_interleave(torch.arange(num_branches), torch.tensor(sizes))
+        out = torch.zeros_like(q)
+        for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+            _, allowed = branch_masks(n, w, r, torch.full((h,), i % r), is_causal)
+            o_i, _ = _masked_attention(q, k, v, allowed, scale)
+            in_group = (group_of_head == i).to(torch.float64).view(1, 1, h, 1)
+            out = out + o_i * in_group / num_branches
+    elif mode == "longnet":
+        outs, lses = [], []
+        for w, r in zip(segment_lengths, dilation_rates):
+            _, allowed = branch_masks(n, w, r, heads % r, is_causal)
+            o_i, lse_i = _masked_attention(q, k, v, allowed, scale)
+            outs.append(o_i)
+            lses.append(lse_i)
+        lse = torch.stack(lses)  # (G, b, n, h)
+        total = torch.logsumexp(lse, dim=0)
+        covered = torch.isfinite(total)
+        safe_total = torch.where(covered, total, torch.zeros((), dtype=total.dtype))
+        weights = torch.where(covered, torch.exp(lse - safe_total), torch.zeros((), dtype=lse.dtype))
+        out = sum(wt.unsqueeze(-1) * o for wt, o in zip(weights, outs))
+    else:
+        raise ValueError(f"mode must be 'groups' or 'longnet': got {mode!r}")
+    return out.to(dtype)

@@ -1,0 +1,97 @@
+"""Index math shared by every kernel: which heads use which (segment, dilation, offset),
+and the zero-copy strided views that make each dilated segment a plain attention batch.
+
+Layout everywhere: ``(batch, seq, heads, *tail)`` with ``tail = (head_dim,)`` for q/k/v/out
+and ``tail = ()`` for the per-position log-sum-exp.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+
+MODES = ("groups", "longnet")
+
+
+@dataclass(frozen=True)
+class BranchCall:
+    """One attention launch: branch ``branch`` = ``(seg_len, rate)`` at ``offset`` on the heads
+    ``heads`` (a slice, contiguous in groups mode, ``offset::rate`` in longnet mode)."""
+
+    branch: int
+    seg_len: int
+    rate: int
+    offset: int
+    heads: slice
+
+
+def head_groups(num_heads: int, num_groups: int) -> List[Tuple[int, int]]:
+    """Contiguous head ranges ``[start, stop)`` of SPEC section 3: sizes ``h // G``, the first
+    ``h % G`` groups one head larger."""
+    base, extra = divmod(num_heads, num_groups)
+    ranges, start = [], 0
+    for i in range(num_groups):
+        stop = start + base + (1 if i < extra else 0)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+@functools.lru_cache(maxsize=256)
+def plan(
+    num_heads: int, segment_lengths: Tuple[int, ...], dilation_rates: Tuple[int, ...], mode: str
+) -> Tuple[BranchCall, ...]:
+    """The attention launches that compute dilated attention (SPEC sections 2-3).
+
+    groups: one launch per branch, on that branch's head group, offset ``i % r_i``.
+    longnet: every head in every branch; head ``j`` uses offset ``j % r_i``, so the heads of one
+    offset class form the strided slice ``offset::r_i``: one launch per (branch, offset class).
+    Plain Python data, cached: nothing here is a tensor.
+    """
+    calls = []
+    if mode == "groups":
+        for i, ((start, stop), w, r) in enumerate(
+            zip(head_groups(num_heads, len(segment_lengths)), segment_lengths, dilation_rates)
+        ):
+            calls.append(BranchCall(i, w, r, i % r, slice(start, stop, 1)))
+    else:
+        for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+            for o in range(min(r, num_heads)):
+                calls.append(BranchCall(i, w, r, o, slice(o, num_heads, r)))
+    return tuple(calls)
+
+
+def segment_views(x: torch.Tensor, call: BranchCall) -> List[torch.Tensor]:
+    """Strided views of ``x`` ``(batch, seq, heads, *tail)`` holding the positions and heads
+    that ``call`` selects, each ``(batch, segments, selected_len, call_heads, *tail)``.
+
+    At most two pieces: the full segments, and the trailing partial segment (which is the whole
+    sequence when ``seg_len > seq``). All are views: writing into a view of an output buffer
+    writes the output in place.
+    """
+    n = x.shape[1]
+    w, r, o = call.seg_len, call.rate, call.offset
+    full = n // w
+    pieces = []
+    if full > 0:
+        head = x[:, : full * w].unflatten(1, (full, w))
+        pieces.append(head[:, :, o::r, call.heads])
+    rem = n - full * w
+    if rem > o:
+        pieces.append(x[:, full * w + o :: r, call.heads].unsqueeze(1))
+    return pieces
+
+
+def to_bhld(piece: torch.Tensor) -> torch.Tensor:
+    """``(batch, segments, len, heads, *tail)`` -> ``(batch*segments, heads, len, *tail)``, the
+    layout SDPA takes. A view except when segments of several batch rows cannot be merged
+    (batch > 1 and a partial trailing segment), where ``flatten`` copies."""
+    return piece.flatten(0, 1).transpose(1, 2)
+
+
+def from_bhld(t: torch.Tensor, piece: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_bhld`: a ``(batch*segments, heads, len, *tail)`` result viewed with
+    the shape of ``piece``, ready to be written into it."""
+    return t.transpose(1, 2).unflatten(0, piece.shape[:2])

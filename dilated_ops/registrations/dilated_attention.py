@@ -1,0 +1,138 @@
+"""``torch.ops.dilated.dilated_attention`` and its backward op.
+
+q, k, v ``(batch, seq, heads, head_dim)``. The op returns ``(out, lse)``: ``out`` as q,
+``lse`` ``(batch, seq, heads)`` (float32, float64 for float64 inputs; see
+:mod:`dilated_ops.kernels.dilated` for its meaning per mode). The backward is an op of its own,
+so compiled and exported graphs show it as one node too. :func:`dilated_attention` is the
+user-facing function returning ``out`` only.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from ..kernels import attention as _attention
+from ..kernels.dilated import dilated_attention_backward, dilated_attention_forward
+
+
+def _seed(dropout_p: float, dropout_seed: Optional[Tensor]) -> int:
+    if dropout_p == 0.0:
+        return 0
+    if dropout_seed is None:
+        raise ValueError(
+            "dropout_p > 0 needs dropout_seed (an int64 tensor); "
+            "dilated_ops.dilated_attention draws one for you"
+        )
+    return int(dropout_seed)  # a CPU scalar by convention: no device sync
+
+
+@torch.library.custom_op("dilated::dilated_attention", mutates_args=())
+def dilated_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: List[int],
+    dilation_rates: List[int],
+    mode: str = "groups",
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p)
+    return dilated_attention_forward(
+        q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p,
+        _seed(dropout_p, dropout_seed),
+    )
+
+
+@dilated_attention_op.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, mode="groups", is_causal=False, scale=None,
+      dropout_p=0.0, dropout_seed=None):
+    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p)
+    b, n, h, d = q.shape
+    out = q.new_empty(b, n, h, d)
+    lse = q.new_empty(b, n, h, dtype=_attention.lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("dilated::dilated_attention_backward", mutates_args=())
+def dilated_attention_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    segment_lengths: List[int],
+    dilation_rates: List[int],
+    mode: str,
+    is_causal: bool,
+    scale: Optional[float],
+    dropout_p: float,
+    dropout_seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return dilated_attention_backward(
+        grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode, is_causal, scale,
+        dropout_p, _seed(dropout_p, dropout_seed),
+    )
+
+
+@dilated_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode, is_causal, scale,
+      dropout_p, dropout_seed):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+_CONFIG = ("segment_lengths", "dilation_rates", "mode", "is_causal", "scale", "dropout_p")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.config = (segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = dilated_attention_backward_op(grad_out, q, k, v, out, lse, *ctx.config, seed)
+    return (dq, dk, dv) + (None,) * 7
+
+
+dilated_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    mode: str = "groups",
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Dilated attention (LongNet) of q, k, v ``(batch, seq, heads, head_dim)``; returns
+    ``(batch, seq, heads, head_dim)``.
+
+    ``segment_lengths`` / ``dilation_rates``: the branches ``(w_i, r_i)``; ``mode`` "groups"
+    (heads split into one group per branch, v0.2.0's ``DilatedAttention``) or "longnet" (every
+    head in every branch, combined by softmax weight as in the LongNet paper). ``dropout_p``
+    applies as given: pass 0.0 in eval, as with ``F.scaled_dot_product_attention``.
+    """
+    seed = None
+    if dropout_p > 0.0:
+        # Drawn from the default CPU generator, so torch.manual_seed makes runs repeatable.
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    out, _ = dilated_attention_op(
+        q, k, v, list(segment_lengths), list(dilation_rates), mode, is_causal, scale,
+        float(dropout_p), seed,
+    )
+    return out
