@@ -54,6 +54,21 @@ def select_backend(q: torch.Tensor, dropout_p: float) -> str:
     return "math"
 
 
+def _packed_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` densely packed in ``ref``'s dimension order (no copy when it already is)."""
+    like = torch.empty_like(ref)
+    return t if t.stride() == like.stride() else like.copy_(t)
+
+
+def _packed_blhd(t: torch.Tensor) -> torch.Tensor:
+    """``(B, H, L, D)`` ``t`` stored as packed ``(B, L, H, D)``."""
+    b, h, l, d = t.shape
+    want = (l * h * d, d, h * d, 1)
+    if t.stride() == want:
+        return t
+    return t.new_empty(b, l, h, d).transpose(1, 2).copy_(t)
+
+
 def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -118,23 +133,30 @@ def backward(
     ``exp(q k^T scale - lse)`` and ``delta = rowsum(grad_out * out)``. ``lse`` ``(B, H, L)``."""
     backend = select_backend(q, dropout_p)
     length = q.shape[-2]
+    no_rng = torch.empty(0, dtype=torch.int64, device=q.device)  # dropout is off on these paths
     if backend == "cudnn":
-        empty = q.new_empty(0)
+        # PyTorch 2.11 caches the cuDNN backward graph by q/k/v layout only and silently
+        # misreads out/grad_out of other strides (measured): always pass them packed in q's
+        # dimension order, which is what the cuDNN forward returns.
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out, q, k, v, out, lse.float().contiguous(), empty, empty, empty, empty, empty,
-            length, length, 0.0, is_causal, scale=scale,
+            _packed_like(grad_out, q), q, k, v, _packed_like(out, q), lse.float().contiguous(),
+            no_rng, no_rng, None, None, None, length, length, 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv
     if backend == "flash":
-        empty = q.new_empty(0)
         return aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse.float().contiguous(), empty, empty, length, length, 0.0,
-            is_causal, empty, empty, scale=scale,
+            grad_out, q, k, v, out, lse.float().contiguous(), None, None, length, length, 0.0,
+            is_causal, no_rng, no_rng, scale=scale,
         )
     if backend == "efficient":
-        empty = q.new_empty(0, dtype=torch.int64)
+        # out must be packed (B, L, H, D) as the forward returns it (else silently wrong dq/dk,
+        # measured); the lse padded to a multiple of 32 as the forward returns it.
+        b, h, _, d = q.shape
+        out_blhd = _packed_blhd(out)
+        lse_pad = lse.new_zeros(b, h, -(-length // 32) * 32, dtype=torch.float32)
+        lse_pad[..., :length] = lse
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            grad_out, q, k, v, None, out, lse.float().contiguous(), empty, empty, 0.0,
+            grad_out, q, k, v, None, out_blhd, lse_pad, no_rng.cpu(), no_rng.cpu(), 0.0,
             [True, True, True, False], is_causal, scale=scale,
         )
         return dq, dk, dv

@@ -127,12 +127,15 @@ def dilated_attention(
     head in every branch, combined by softmax weight as in the LongNet paper). ``dropout_p``
     applies as given: pass 0.0 in eval, as with ``F.scaled_dot_product_attention``.
     """
+    # Checked here as well as in the op: the op's schema rejects wrong types with a less
+    # helpful message before its body runs.
+    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p)
     seed = None
     if dropout_p > 0.0:
         # Drawn from the default CPU generator, so torch.manual_seed makes runs repeatable.
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out, _ = dilated_attention_op(
         q, k, v, list(segment_lengths), list(dilation_rates), mode, is_causal, scale,
-        float(dropout_p), seed,
+        dropout_p, seed,
     )
     return out

@@ -1,0 +1,129 @@
+"""Time the dilated op against the baselines; prints a table.
+
+    python benchmarks/bench_dilated.py                       # the standard config (H100)
+    python benchmarks/bench_dilated.py --seq-lens 262144 524288 1048576 --impls op --modes groups
+
+Median of CUDA-event timings after warm-up; forward, and forward+backward. TFLOP/s counts
+useful FLOPs only: per branch 4 * heads_used * n * (w / r^2) * head_dim for the forward
+(halved when causal), 2.5x that for the backward. Peak memory: max allocated during the
+forward+backward, inputs included.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
+
+import dilated_ops  # noqa: E402
+from dilated_ops.kernels.segments import head_groups  # noqa: E402
+
+
+def useful_flops(n, h, d, segs, rates, mode, is_causal):
+    heads = [hi - lo for lo, hi in head_groups(h, len(segs))] if mode == "groups" else [h] * len(segs)
+    fwd = sum(4 * hh * n * (w / r**2) * d for hh, w, r in zip(heads, segs, rates))
+    return fwd / (2 if is_causal else 1)
+
+
+def time_ms(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(make_out, params, warmup, reps):
+    """(forward ms, forward+backward ms, peak GiB) of ``make_out()`` -> list of outputs."""
+    def fwd():
+        with torch.no_grad():
+            make_out()
+
+    grads = None
+
+    def fwd_bwd():
+        outs = make_out()
+        nonlocal grads
+        if grads is None:
+            grads = [torch.randn_like(o) for o in outs]
+        torch.autograd.backward(outs, grads)
+        for p in params:
+            p.grad = None
+
+    f = time_ms(fwd, warmup, reps)
+    fb = time_ms(fwd_bwd, warmup, reps)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return f, fb, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 65536, 262144])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--modes", nargs="+", default=["groups", "longnet"])
+    ap.add_argument("--impls", nargs="+", default=["op", "naive", "pregathered", "dense"])
+    ap.add_argument("--dense-max", type=int, default=65536, help="largest n for dense SDPA")
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_dilated.py needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    b, h, d, segs, rates = args.batch, args.heads, args.head_dim, args.segments, args.rates
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, batch {b}, heads {h}, "
+          f"head_dim {d}, segments {segs}, rates {rates}, causal {args.causal}")
+    header = f"| {'n':>8} | {'impl':<22} | {'fwd ms':>8} | {'fwd TF/s':>8} | {'fwd+bwd ms':>10} | {'f+b TF/s':>8} | {'peak GiB':>8} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for n in args.seq_lens:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        rows = []
+        for impl in args.impls:
+            for mode in args.modes:
+                if impl != "op" and mode != "groups":
+                    continue
+                if impl == "dense" and (n > args.dense_max or mode != "groups"):
+                    continue
+                name = f"{impl} ({mode})" if impl == "op" else impl
+                flops = useful_flops(n, h, d, segs, rates, mode, args.causal)
+                if impl == "op":
+                    make, params = (lambda mode=mode: [dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=args.causal)]), (q, k, v)
+                elif impl == "naive":
+                    make, params = (lambda: [baselines.naive(q, k, v, segs, rates, args.causal)]), (q, k, v)
+                elif impl == "pregathered":
+                    batches = baselines.pregather(q, k, v, segs, rates)
+                    params = [t for bt in batches for t in bt]
+                    make = lambda batches=batches: baselines.pregathered(batches, args.causal)
+                else:
+                    flops = 4 * h * n * n * d / (2 if args.causal else 1)
+                    make, params = (lambda: [baselines.dense(q, k, v, args.causal)]), (q, k, v)
+                f, fb, peak = measure(make, params, args.warmup, args.reps)
+                print(f"| {n:>8} | {name:<22} | {f:8.3f} | {flops / f / 1e9:8.1f} | {fb:10.3f} | {3.5 * flops / fb / 1e9:8.1f} | {peak:8.2f} |", flush=True)
+                del make, params
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""GPU paths (cuDNN, flash, efficient, float64 math) against the float64 reference.
+Skipped without CUDA; run on the device (see README, "GPU tests")."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import dilated_ops
+from dilated_ops.kernels import attention
+from dilated_ops.kernels.reference import dilated_attention_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BACKENDS = {
+    # name: (sdpa_kernel backends that leave this one first in our order, dtype, rel tolerance)
+    "cudnn-bf16": ([SDPBackend.CUDNN_ATTENTION], torch.bfloat16, 2e-2),
+    "cudnn-fp16": ([SDPBackend.CUDNN_ATTENTION], torch.float16, 4e-3),
+    "flash-bf16": ([SDPBackend.FLASH_ATTENTION], torch.bfloat16, 2e-2),
+    "efficient-fp32": ([SDPBackend.EFFICIENT_ATTENTION], torch.float32, 1e-5),
+    "math-fp64": ([SDPBackend.MATH], torch.float64, 1e-10),
+}
+EXPECTED = {"cudnn-bf16": "cudnn", "cudnn-fp16": "cudnn", "flash-bf16": "flash", "efficient-fp32": "efficient", "math-fp64": "math"}
+
+CASES = [
+    # (b, n, h, d, segs, rates)
+    (2, 300, 5, 64, [64, 128, 256], [1, 2, 4]),   # n not a multiple of any w, batch 2
+    (1, 1024, 12, 64, [128, 256, 512], [1, 2, 4]),
+    (3, 77, 7, 32, [16, 200], [2, 4]),           # w > n
+    (1, 512, 3, 128, [512], [8]),
+]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}n{c[1]}h{c[2]}d{c[3]}")
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_backend_matches_reference(name, mode, is_causal, case):
+    kernels, dtype, tol = BACKENDS[name]
+    b, n, h, d, segs, rates = case
+    qkv = torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.float64)
+    q64, k64, v64 = (t.requires_grad_() for t in qkv.clone().unbind(2))
+    # q, k, v as strided slices of a fused projection, as models produce them
+    fused = qkv.to(dtype).requires_grad_()
+    q, k, v = fused.unbind(2)
+    g = torch.randn(b, n, h, d, device="cuda", dtype=torch.float64)
+    with sdpa_kernel(kernels):
+        assert attention.select_backend(q, 0.0) == EXPECTED[name]
+        out = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=is_causal)
+        out.backward(g.to(dtype))
+    ref = dilated_attention_reference(q64, k64, v64, segs, rates, mode=mode, is_causal=is_causal)
+    ref.backward(g)
+    assert out.dtype == dtype
+    assert rel(out, ref) < tol
+    for i, want in enumerate((q64.grad, k64.grad, v64.grad)):
+        assert rel(fused.grad[:, :, i], want) < tol, ("dq", "dk", "dv")[i]
+
+
+def test_cudnn_backward_unaffected_by_other_layouts():
+    # PyTorch 2.11 caches cuDNN backward graphs by q/k/v layout and silently misreads
+    # grad_out/out of another layout: run F.sdpa's own backward on the shapes first, then ours.
+    b, n, h, d = 1, 512, 4, 64
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        for _ in range(2):
+            qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+            torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).sum().backward()
+            out = dilated_ops.dilated_attention(q, k, v, [128, 512], [1, 4], mode="longnet")
+            g = torch.randn_like(out)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+            ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref = dilated_attention_reference(*ref_in, [128, 512], [1, 4], mode="longnet")
+            want = torch.autograd.grad(ref, ref_in, g.double())
+            for got, w in zip((dq, dk, dv), want):
+                assert rel(got, w) < 2e-2
+
+
+def test_compile_on_cuda():
+    q, k, v = (torch.randn(1, 1000, 6, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: dilated_ops.dilated_attention(q, k, v, [128, 256, 512], [1, 2, 4], is_causal=True)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    eager = fn(q, k, v)
+    got = compiled(q, k, v)
+    assert torch.equal(got, eager)
+    g = torch.randn_like(eager)
+    for a, c in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(eager, (q, k, v), g)):
+        assert torch.equal(a, c)

@@ -1,0 +1,216 @@
+"""torch.ops.dilated.dilated_attention against the float64 reference, plus opcheck, gradcheck,
+input handling and validation errors."""
+import pytest
+import torch
+
+import dilated_ops
+from dilated_ops.kernels.reference import dilated_attention_reference
+from dilated_ops.registrations.dilated_attention import dilated_attention_op
+
+from conftest import random_configs
+
+CONFIGS = random_configs(24, seed=7)
+
+
+def rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"b{c[0]}n{c[1]}h{c[2]}d{c[3]}w{c[4]}r{c[5]}")
+def test_matches_reference_float64(config, mode, is_causal):
+    b, n, h, d, segs, rates = config
+    if mode == "groups" and h < len(segs):
+        pytest.skip("groups mode needs heads >= branches (tested as an error below)")
+    q, k, v = (rand(b, n, h, d).requires_grad_() for _ in range(3))
+    out = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=is_causal)
+    ref = dilated_attention_reference(q, k, v, segs, rates, mode=mode, is_causal=is_causal)
+    assert (out - ref).abs().max() < 1e-10
+    g = rand(b, n, h, d)
+    for got, want in zip(grads(out, (q, k, v), g), grads(ref, (q, k, v), g)):
+        assert (got - want).abs().max() < 1e-10
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b||, with an absolute floor for results that are exactly zero in exact
+    arithmetic (dq with a single key, say)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+@pytest.mark.parametrize("config", CONFIGS[:8], ids=lambda c: f"b{c[0]}n{c[1]}h{c[2]}")
+def test_matches_reference_float32(config, mode):
+    b, n, h, d, segs, rates = config
+    q64, k64, v64 = (rand(b, n, h, d).requires_grad_() for _ in range(3))
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    out = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=True)
+    ref = dilated_attention_reference(q64, k64, v64, segs, rates, mode=mode, is_causal=True)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-5
+    g = rand(b, n, h, d)
+    for got, want in zip(grads(out, (q, k, v), g.float()), grads(ref, (q64, k64, v64), g)):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_lse_output(mode):
+    q, k, v = rand(2, 30, 4, 8), rand(2, 30, 4, 8), rand(2, 30, 4, 8)
+    out, lse = torch.ops.dilated.dilated_attention(q, k, v, [8, 16], [1, 2], mode, False, None, 0.0, None)
+    assert lse.shape == (2, 30, 4) and lse.dtype == torch.float64
+    # One dense branch: lse is the row log-sum-exp of the scores.
+    out1, lse1 = torch.ops.dilated.dilated_attention(q, k, v, [64], [1], mode)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / 8**0.5
+    torch.testing.assert_close(lse1, torch.logsumexp(s, -1).transpose(1, 2))
+    # groups: unselected (position, head) pairs carry -inf; longnet: every head sees branch 0.
+    if mode == "groups":
+        assert torch.isinf(lse[:, 0::2, 2:]).all() and torch.isfinite(lse[:, 1::2, 2:]).all()
+    else:
+        assert torch.isfinite(lse).all()
+
+
+def test_non_contiguous_and_expanded_inputs_and_no_mutation():
+    b, n, h, d = 2, 40, 5, 8
+    qkv = rand(b, n, 3, h, d)  # fused projection: q, k, v are strided slices
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    vt = rand(b, h, n, d).transpose(1, 2)  # wrong memory order
+    ke = rand(1, n, h, d).expand(b, n, h, d)  # stride 0 over batch
+    inputs = [t.clone() for t in (q, ke, vt)]
+    leaves = [t.requires_grad_() for t in (q.detach().clone(), ke.detach().clone(), vt.detach().clone())]
+    for mode in ("groups", "longnet"):
+        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, ke, vt))
+        out = dilated_ops.dilated_attention(q_, k_, v_, [8, 16], [1, 2], mode=mode, is_causal=True)
+        ref = dilated_attention_reference(q, ke, vt, [8, 16], [1, 2], mode=mode, is_causal=True)
+        assert (out - ref).abs().max() < 1e-10
+        g = rand(b, n, h, d)
+        got = grads(out, (q_, k_, v_), g)
+        want = grads(dilated_attention_reference(*leaves, [8, 16], [1, 2], mode=mode, is_causal=True), leaves, g)
+        for a, c in zip(got, want):
+            assert (a - c).abs().max() < 1e-10
+    for before, after in zip(inputs, (q, ke, vt)):
+        assert torch.equal(before, after)
+
+
+def test_grad_out_expanded():
+    # out.sum() hands the backward an expanded (stride 0) gradient.
+    q, k, v = (rand(1, 24, 3, 8).requires_grad_() for _ in range(3))
+    dilated_ops.dilated_attention(q, k, v, [8], [2]).sum().backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    dilated_attention_reference(q2, k2, v2, [8], [2]).sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert (a.grad - b.grad).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_gradcheck_op(mode):
+    q, k, v = (rand(2, 13, 3, 4).requires_grad_() for _ in range(3))
+    fn = lambda q, k, v: dilated_ops.dilated_attention(q, k, v, [4, 8], [1, 2], mode=mode, is_causal=True)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize(
+    "shape,segs,rates,mode,causal",
+    [
+        ((2, 16, 3, 8), [4, 8], [1, 2], "groups", False),
+        ((1, 21, 5, 8), [4, 8, 16], [1, 2, 4], "longnet", True),
+        ((3, 7, 2, 16), [16], [2], "groups", True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(shape, segs, rates, mode, causal, dtype):
+    q, k, v = (rand(*shape, dtype=dtype).requires_grad_() for _ in range(3))
+    torch.library.opcheck(dilated_attention_op, (q, k, v, segs, rates, mode, causal, None, 0.0, None))
+
+
+def test_opcheck_backward_op():
+    q, k, v, g = (rand(2, 16, 3, 8) for _ in range(4))
+    out, lse = dilated_attention_op(q, k, v, [4, 8], [1, 2], "longnet", True, None, 0.0, None)
+    torch.library.opcheck(
+        torch.ops.dilated.dilated_attention_backward.default,
+        (g, q, k, v, out, lse, [4, 8], [1, 2], "longnet", True, None, 0.0, None),
+    )
+
+
+def test_scale_argument():
+    q, k, v = rand(1, 16, 2, 8), rand(1, 16, 2, 8), rand(1, 16, 2, 8)
+    out = dilated_ops.dilated_attention(q, k, v, [8], [1], scale=0.7)
+    ref = dilated_attention_reference(q, k, v, [8], [1], scale=0.7)
+    assert (out - ref).abs().max() < 1e-10
+    assert (out - dilated_ops.dilated_attention(q, k, v, [8], [1])).abs().max() > 1e-3
+
+
+class TestDropout:
+    def test_repeatable_under_manual_seed_and_differs_from_no_dropout(self):
+        q, k, v = rand(2, 32, 3, 8), rand(2, 32, 3, 8), rand(2, 32, 3, 8)
+        torch.manual_seed(5)
+        a = dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2], dropout_p=0.3)
+        torch.manual_seed(5)
+        b = dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2], dropout_p=0.3)
+        c = dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2], dropout_p=0.3)
+        nodrop = dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2])
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+        assert (a - nodrop).abs().max() > 1e-3
+
+    def test_unbiased(self):
+        # E[dropout(P)] = P, so the mean over many masks approaches the dropout-free output.
+        q, k, v = rand(1, 16, 2, 4), rand(1, 16, 2, 4), rand(1, 16, 2, 4)
+        runs = torch.stack([dilated_ops.dilated_attention(q, k, v, [16], [1], dropout_p=0.2) for _ in range(2000)])
+        nodrop = dilated_ops.dilated_attention(q, k, v, [16], [1])
+        assert (runs.mean(0) - nodrop).abs().max() < 0.1
+        assert (runs.std(0).mean()) > 0.05
+
+    @pytest.mark.parametrize("mode", ["groups", "longnet"])
+    def test_gradcheck_with_fixed_seed(self, mode):
+        q, k, v = (rand(1, 12, 3, 4).requires_grad_() for _ in range(3))
+        seed = torch.tensor(1234)
+        fn = lambda q, k, v: dilated_attention_op(q, k, v, [4, 8], [1, 2], mode, True, None, 0.25, seed)[0]
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def err(fn):
+    with pytest.raises((ValueError, TypeError)) as info:
+        fn()
+    return info
+
+
+def call(q=None, k=None, v=None, segs=(8, 16), rates=(1, 2), **kw):
+    t = rand(2, 16, 4, 8)
+    return lambda: dilated_ops.dilated_attention(
+        t if q is None else q, t if k is None else k, t if v is None else v, list(segs) if isinstance(segs, tuple) else segs, list(rates) if isinstance(rates, tuple) else rates, **kw
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,message",
+    [
+        (dict(segs=(8, 16, 32)), ValueError, "segment_lengths and dilation_rates must have same length: got 3 and 2"),
+        (dict(segs=(8, 6), rates=(1, 4)), ValueError, "segment_lengths[1] (6) must be divisible by dilation_rates[1] (4)"),
+        (dict(segs=(0, 16)), ValueError, "segment_lengths must be positive: got [0, 16]"),
+        (dict(rates=(1, -2)), ValueError, "dilation_rates must be positive: got [1, -2]"),
+        (dict(segs=[], rates=[]), ValueError, "segment_lengths must not be empty: got []"),
+        (dict(segs=(8.0, 16)), TypeError, "segment_lengths must be a list of positive ints: got [8.0, 16]"),
+        (dict(segs=(4, 8, 16, 32, 64), rates=(1, 1, 1, 1, 1)), ValueError, "num_heads (4) must be >= number of segment groups (5)"),
+        (dict(mode="dense"), ValueError, "mode must be 'groups' or 'longnet': got 'dense'"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1): got 1.0"),
+        (dict(q=rand(2, 16, 32)), ValueError, "q must be 4-D (batch, seq, heads, head_dim): got shape (2, 16, 32)"),
+        (dict(k=rand(2, 16, 4, 8).long()), TypeError, "k must be float16, bfloat16, float32 or float64: got torch.int64"),
+        (dict(v=rand(2, 16, 4, 8, dtype=torch.float32)), TypeError, "q, k and v must share one dtype"),
+        (dict(k=rand(2, 20, 4, 8)), ValueError, "q (2, 16, 4, 8), k (2, 20, 4, 8)"),
+    ],
+)
+def test_validation_errors(kwargs, exc, message):
+    info = err(call(**kwargs))
+    assert info.type is exc
+    assert message in str(info.value)
+
+
+def test_longnet_allows_fewer_heads_than_branches():
+    q = rand(1, 16, 2, 8)
+    out = dilated_ops.dilated_attention(q, q, q, [4, 8, 16], [1, 2, 4], mode="longnet")
+    assert (out - dilated_attention_reference(q, q, q, [4, 8, 16], [1, 2, 4], mode="longnet")).abs().max() < 1e-10
