@@ -139,7 +139,7 @@ def backward(
         # misreads out/grad_out of other strides (measured): always pass them packed in q's
         # dimension order, which is what the cuDNN forward returns.
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            _packed_like(grad_out, q), q, k, v, _packed_like(out, q), lse.float().contiguous(),
+            _packed_like(grad_out, q), q, k, v, _packed_like(out, q), lse.float().contiguous().unsqueeze(-1),
             no_rng, no_rng, None, None, None, length, length, 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv
