@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import attention
-from .segments import from_bhld, plan, segment_views, to_bhld
+from .segments import from_bhld, plan, segment_views, to_bhld, unselected_views
 
 
 def _dense_last(x: torch.Tensor) -> torch.Tensor:
@@ -55,11 +55,16 @@ def dilated_attention_forward(
     num_branches = len(segment_lengths)
     calls = plan(h, tuple(segment_lengths), tuple(dilation_rates), mode)
     lse_dtype = attention.lse_dtype(q.dtype)
-    out = q.new_zeros(b, n, h, d)
 
     if mode == "groups":
-        lse = q.new_full((b, n, h), float("-inf"), dtype=lse_dtype)
+        # Each head is in one call: fill only what its call leaves unwritten.
+        out = q.new_empty(b, n, h, d)
+        lse = q.new_empty((b, n, h), dtype=lse_dtype)
         for ci, call in enumerate(calls):
+            for view in unselected_views(out, call):
+                view.zero_()
+            for view in unselected_views(lse, call):
+                view.fill_(float("-inf"))
             for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
                 o_b, l_b = attention.forward(
                     to_bhld(qp), to_bhld(kp), to_bhld(vp), is_causal, scale, dropout_p, seed + 2 * ci + pi
@@ -69,6 +74,7 @@ def dilated_attention_forward(
         return out, lse
 
     # longnet: every branch's output and lse first, then the softmax-weighted sum.
+    out = q.new_zeros(b, n, h, d)
     branch_lse = q.new_full((num_branches, b, n, h), float("-inf"), dtype=lse_dtype)
     results = []
     for ci, call in enumerate(calls):
@@ -109,9 +115,16 @@ def dilated_attention_backward(
     scale = attention.default_scale(d, scale)
     num_branches = len(segment_lengths)
     calls = plan(q.shape[2], tuple(segment_lengths), tuple(dilation_rates), mode)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     groups = mode == "groups"
+    # groups: every (position, head) is written by at most one call (fill the rest);
+    # longnet: branches accumulate.
+    alloc = torch.empty if groups else torch.zeros
+    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for ci, call in enumerate(calls):
+        if groups:
+            for buf in (dq, dk, dv):
+                for view in unselected_views(buf, call):
+                    view.zero_()
         pieces = _pieces(call, q, k, v, out, lse, grad_out, dq, dk, dv)
         for pi, (qp, kp, vp, outp, lsep, gp, dqp, dkp, dvp) in enumerate(pieces):
             # groups: the branch's own output is G * out (its share of the combine is 1/G);

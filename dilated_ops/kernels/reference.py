@@ -12,11 +12,13 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 
-def branch_masks(n: int, w: int, r: int, offsets: torch.Tensor, is_causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def branch_masks(
+    n: int, w: int, r: int, offsets: torch.Tensor, is_causal: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """For one branch ``(w, r)`` with per-head ``offsets`` ``(heads,)``: ``selected``
     ``(heads, n)`` (the positions the branch selects) and ``allowed`` ``(heads, n, n)``
     (query i may attend key j)."""
-    pos = torch.arange(n)
+    pos = torch.arange(n, device=offsets.device)
     seg = pos // w
     within = pos - seg * w
     selected = (within.unsqueeze(0) % r) == offsets.unsqueeze(1)  # (heads, n)
@@ -57,14 +59,14 @@ def dilated_attention_reference(
     b, n, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     num_branches = len(segment_lengths)
-    heads = torch.arange(h)
+    heads = torch.arange(h, device=q.device)
     if mode == "groups":
         size, extra = divmod(h, num_branches)
         sizes = [size + (1 if i < extra else 0) for i in range(num_branches)]
-        group_of_head = torch.repeat_interleave(torch.arange(num_branches), torch.tensor(sizes))
+        group_of_head = torch.repeat_interleave(torch.arange(num_branches), torch.tensor(sizes)).to(q.device)
         out = torch.zeros_like(q)
         for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-            _, allowed = branch_masks(n, w, r, torch.full((h,), i % r), is_causal)
+            _, allowed = branch_masks(n, w, r, torch.full((h,), i % r, device=q.device), is_causal)
             o_i, _ = _masked_attention(q, k, v, allowed, scale)
             in_group = (group_of_head == i).to(torch.float64).view(1, 1, h, 1)
             out = out + o_i * in_group / num_branches
