@@ -12,13 +12,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 BACKENDS = {
     # name: (sdpa_kernel backends that leave this one first in our order, dtype, rel tolerance)
+    # "triton-*": our in-place Triton forward (groups mode), cuDNN backward; the others run
+    # with Triton off.
+    "triton-bf16": ([SDPBackend.CUDNN_ATTENTION], torch.bfloat16, 2e-2),
+    "triton-fp16": ([SDPBackend.CUDNN_ATTENTION], torch.float16, 4e-3),
     "cudnn-bf16": ([SDPBackend.CUDNN_ATTENTION], torch.bfloat16, 2e-2),
     "cudnn-fp16": ([SDPBackend.CUDNN_ATTENTION], torch.float16, 4e-3),
     "flash-bf16": ([SDPBackend.FLASH_ATTENTION], torch.bfloat16, 2e-2),
     "efficient-fp32": ([SDPBackend.EFFICIENT_ATTENTION], torch.float32, 1e-5),
     "math-fp64": ([SDPBackend.MATH], torch.float64, 1e-10),
 }
-EXPECTED = {"cudnn-bf16": "cudnn", "cudnn-fp16": "cudnn", "flash-bf16": "flash", "efficient-fp32": "efficient", "math-fp64": "math"}
+EXPECTED = {"triton-bf16": "cudnn", "triton-fp16": "cudnn", "cudnn-bf16": "cudnn", "cudnn-fp16": "cudnn", "flash-bf16": "flash", "efficient-fp32": "efficient", "math-fp64": "math"}
 
 CASES = [
     # (b, n, h, d, segs, rates)
@@ -37,7 +41,10 @@ def rel(a, b):
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("mode", ["groups", "longnet"])
 @pytest.mark.parametrize("name", list(BACKENDS))
-def test_backend_matches_reference(name, mode, is_causal, case):
+def test_backend_matches_reference(name, mode, is_causal, case, monkeypatch):
+    from dilated_ops.kernels import triton_forward
+
+    monkeypatch.setattr(triton_forward, "ENABLED", name.startswith("triton"))
     kernels, dtype, tol = BACKENDS[name]
     b, n, h, d, segs, rates = case
     qkv = torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.float64)
@@ -87,3 +94,28 @@ def test_compile_on_cuda():
     g = torch.randn_like(eager)
     for a, c in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(eager, (q, k, v), g)):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_forward_writes_every_selected_element(dtype, d, is_causal):
+    from dilated_ops.kernels import triton_forward
+    from dilated_ops.kernels.segments import plan, segment_views, to_bhld
+
+    b, n, h = 2, 700, 5  # partial trailing segment, odd heads
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(3))
+    out = torch.full((b, n, h, d), float("nan"), device="cuda", dtype=dtype)
+    lse = torch.full((b, n, h), float("nan"), device="cuda")
+    for call in plan(h, (128, 512), (1, 4), "groups"):
+        for qp, kp, vp, op, lp in zip(*(segment_views(t, call) for t in (q, k, v, out, lse))):
+            triton_forward.forward_into(qp, kp, vp, op, lp, is_causal, d**-0.5, 0.5)
+            want = torch.nn.functional.scaled_dot_product_attention(
+                *(to_bhld(t).float() for t in (qp, kp, vp)), is_causal=is_causal
+            ) * 0.5
+            assert not torch.isnan(op).any() and not torch.isnan(lp).any()
+            assert rel(to_bhld(op), want) < 1e-2
+            s = to_bhld(qp).float() @ to_bhld(kp).float().transpose(-1, -2) * d**-0.5
+            if is_causal:
+                s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+            torch.testing.assert_close(to_bhld(lp), torch.logsumexp(s, -1), atol=2e-2, rtol=1e-3)

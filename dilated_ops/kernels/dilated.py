@@ -31,6 +31,18 @@ def _dense_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _triton_forward(q: torch.Tensor, dropout_p: float):
+    """The Triton in-place forward module when it applies to q, else None (CPU installs
+    without Triton included)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or dropout_p > 0.0:
+        return None
+    try:
+        from . import triton_forward
+    except ImportError:
+        return None
+    return triton_forward if triton_forward.supported(q, dropout_p) else None
+
+
 def _pieces(call, *tensors):
     return zip(*(segment_views(t, call) for t in tensors))
 
@@ -60,12 +72,16 @@ def dilated_attention_forward(
         # Each head is in one call: fill only what its call leaves unwritten.
         out = q.new_empty(b, n, h, d)
         lse = q.new_empty((b, n, h), dtype=lse_dtype)
+        triton_fwd = _triton_forward(q, dropout_p)
         for ci, call in enumerate(calls):
             for view in unselected_views(out, call):
                 view.zero_()
             for view in unselected_views(lse, call):
                 view.fill_(float("-inf"))
             for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
+                if triton_fwd is not None:
+                    triton_fwd.forward_into(qp, kp, vp, outp, lsep, is_causal, scale, 1.0 / num_branches)
+                    continue
                 o_b, l_b = attention.forward(
                     to_bhld(qp), to_bhld(kp), to_bhld(vp), is_causal, scale, dropout_p, seed + 2 * ci + pi
                 )
