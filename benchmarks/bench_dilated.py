@@ -24,6 +24,14 @@ import dilated_ops  # noqa: E402
 from dilated_ops.kernels.segments import head_groups  # noqa: E402
 
 
+def set_triton(enabled: bool) -> None:
+    try:
+        from dilated_ops.kernels import triton_forward
+    except ImportError:
+        return
+    triton_forward.ENABLED = enabled
+
+
 def useful_flops(n, h, d, segs, rates, mode, is_causal):
     heads = [hi - lo for lo, hi in head_groups(h, len(segs))] if mode == "groups" else [h] * len(segs)
     fwd = sum(4 * hh * n * (w / r**2) * d for hh, w, r in zip(heads, segs, rates))
@@ -71,6 +79,19 @@ def measure(make_out, params, warmup, reps):
     return f, fb, torch.cuda.max_memory_allocated() / 2**30
 
 
+def profile(n, b, h, d, segs, rates, dtype, causal):
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(b, n, h, d, device="cuda", dtype=dtype)
+    step = lambda: dilated_ops.dilated_attention(q, k, v, segs, rates, is_causal=causal).backward(g)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 65536, 262144])
@@ -80,10 +101,13 @@ def main(argv=None):
     ap.add_argument("--segments", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--modes", nargs="+", default=["groups", "longnet"])
-    ap.add_argument("--impls", nargs="+", default=["op", "naive", "pregathered", "dense"])
+    ap.add_argument("--impls", nargs="+", default=["op", "op-sdpa", "naive", "pregathered", "dense"],
+                    help="op: the dilated op as shipped; op-sdpa: the op with its Triton forward off "
+                    "(SDPA on views + copy into place)")
     ap.add_argument("--dense-max", type=int, default=65536, help="largest n for dense SDPA")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--profile", action="store_true", help="print the op's kernels (groups, first n)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
@@ -96,19 +120,23 @@ def main(argv=None):
     header = f"| {'n':>8} | {'impl':<22} | {'fwd ms':>8} | {'fwd TF/s':>8} | {'fwd+bwd ms':>10} | {'f+b TF/s':>8} | {'peak GiB':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    if args.profile:
+        profile(args.seq_lens[0], b, h, d, segs, rates, dtype, args.causal)
     for n in args.seq_lens:
         torch.manual_seed(0)
         q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
         rows = []
         for impl in args.impls:
             for mode in args.modes:
-                if impl != "op" and mode != "groups":
+                if not impl.startswith("op") and mode != "groups":
                     continue
                 if impl == "dense" and (n > args.dense_max or mode != "groups"):
                     continue
-                name = f"{impl} ({mode})" if impl == "op" else impl
+                if impl == "op-sdpa" and mode != "groups":
+                    continue  # longnet runs on SDPA either way
+                name = f"{impl} ({mode})" if impl.startswith("op") else impl
                 flops = useful_flops(n, h, d, segs, rates, mode, args.causal)
-                if impl == "op":
+                if impl.startswith("op"):
                     make, params = (lambda mode=mode: [dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=args.causal)]), (q, k, v)
                 elif impl == "naive":
                     make, params = (lambda: [baselines.naive(q, k, v, segs, rates, args.causal)]), (q, k, v)
@@ -119,7 +147,9 @@ def main(argv=None):
                 else:
                     flops = 4 * h * n * n * d / (2 if args.causal else 1)
                     make, params = (lambda: [baselines.dense(q, k, v, args.causal)]), (q, k, v)
+                set_triton(impl != "op-sdpa")
                 f, fb, peak = measure(make, params, args.warmup, args.reps)
+                set_triton(True)
                 print(f"| {n:>8} | {name:<22} | {f:8.3f} | {flops / f / 1e9:8.1f} | {fb:10.3f} | {3.5 * flops / fb / 1e9:8.1f} | {peak:8.2f} |", flush=True)
                 del make, params
                 torch.cuda.empty_cache()

@@ -1,9 +1,9 @@
-"""The index math: head groups, launch plans, and that segment views and unselected views
-partition every tensor exactly (groups mode relies on it to skip zero-filling)."""
+"""The index math: head groups, launch plans, and that segment views select exactly the
+positions and heads of SPEC section 2."""
 import pytest
 import torch
 
-from dilated_ops.kernels.segments import from_bhld, head_groups, plan, segment_views, to_bhld, unselected_views
+from dilated_ops.kernels.segments import from_bhld, head_groups, plan, segment_views, to_bhld
 
 from conftest import random_configs
 
@@ -20,30 +20,19 @@ def test_plan_longnet_offset_classes():
 
 
 @pytest.mark.parametrize("config", random_configs(30, seed=3), ids=str)
-def test_groups_views_partition_the_tensor(config):
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_segment_views_select_exactly_the_spec_positions(config, mode):
     b, n, h, _, segs, rates = config
-    if h < len(segs):
-        h = len(segs)
-    count = torch.zeros(b, n, h)
-    selected = torch.zeros(b, n, h)
-    for call in plan(h, tuple(segs), tuple(rates), "groups"):
-        for view in unselected_views(count, call):
-            view += 1
-        for piece in segment_views(count, call):
+    h = max(h, len(segs))
+    for call in plan(h, tuple(segs), tuple(rates), mode):
+        hits = torch.zeros(n, h)
+        for piece in segment_views(hits.unsqueeze(0), call):
             piece += 1
-            assert piece.shape[2] == len(range(call.offset, min(call.seg_len, n), call.rate)) or piece.shape[1] == 1
-        for piece in segment_views(selected, call):
-            piece += 1
-    # every element is written exactly once after its fill; the partial segment is filled, then written
-    full_end = torch.tensor([n // w * w for w in segs])
-    assert (count >= 1).all()
-    for call in plan(h, tuple(segs), tuple(rates), "groups"):
-        head_count = count[:, : full_end[call.branch], call.heads]
-        assert (head_count == 1).all()
-        # selected positions: within-segment index % r == offset
         pos = torch.arange(n)
         want = ((pos % call.seg_len) % call.rate == call.offset).float()
-        assert torch.equal(selected[0, :, call.heads], want[:, None].expand(n, selected[0, :, call.heads].shape[1]))
+        heads = torch.zeros(h, dtype=torch.bool)
+        heads[call.heads] = True
+        assert torch.equal(hits, want[:, None] * heads[None, :].float())
 
 
 def test_to_bhld_roundtrip_is_a_view():

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import attention
-from .segments import from_bhld, plan, segment_views, to_bhld, unselected_views
+from .segments import from_bhld, plan, segment_views, to_bhld
 
 
 def _dense_last(x: torch.Tensor) -> torch.Tensor:
@@ -69,15 +69,12 @@ def dilated_attention_forward(
     lse_dtype = attention.lse_dtype(q.dtype)
 
     if mode == "groups":
-        # Each head is in one call: fill only what its call leaves unwritten.
-        out = q.new_empty(b, n, h, d)
-        lse = q.new_empty((b, n, h), dtype=lse_dtype)
+        # One contiguous fill: filling only the unselected positions through strided views
+        # measured 0.4 ms slower at n = 256K on the H100.
+        out = q.new_zeros(b, n, h, d)
+        lse = q.new_full((b, n, h), float("-inf"), dtype=lse_dtype)
         triton_fwd = _triton_forward(q, dropout_p)
         for ci, call in enumerate(calls):
-            for view in unselected_views(out, call):
-                view.zero_()
-            for view in unselected_views(lse, call):
-                view.fill_(float("-inf"))
             for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
                 if triton_fwd is not None:
                     triton_fwd.forward_into(qp, kp, vp, outp, lsep, is_causal, scale, 1.0 / num_branches)
@@ -132,15 +129,8 @@ def dilated_attention_backward(
     num_branches = len(segment_lengths)
     calls = plan(q.shape[2], tuple(segment_lengths), tuple(dilation_rates), mode)
     groups = mode == "groups"
-    # groups: every (position, head) is written by at most one call (fill the rest);
-    # longnet: branches accumulate.
-    alloc = torch.empty if groups else torch.zeros
-    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for ci, call in enumerate(calls):
-        if groups:
-            for buf in (dq, dk, dv):
-                for view in unselected_views(buf, call):
-                    view.zero_()
         pieces = _pieces(call, q, k, v, out, lse, grad_out, dq, dk, dv)
         for pi, (qp, kp, vp, outp, lsep, gp, dqp, dkp, dvp) in enumerate(pieces):
             # groups: the branch's own output is G * out (its share of the combine is 1/G);

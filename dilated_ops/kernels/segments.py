@@ -84,26 +84,6 @@ def segment_views(x: torch.Tensor, call: BranchCall) -> List[torch.Tensor]:
     return pieces
 
 
-def unselected_views(x: torch.Tensor, call: BranchCall) -> List[torch.Tensor]:
-    """Views of ``x`` ``(batch, seq, heads, *tail)`` covering the positions of ``call.heads``
-    that ``call`` does not select, plus the whole trailing partial segment (fill these first,
-    then write the selected positions). In groups mode each head belongs to one call, so
-    filling these for every call initialises exactly what no launch writes."""
-    n = x.shape[1]
-    w, r, o = call.seg_len, call.rate, call.offset
-    full = n // w
-    views = []
-    if full > 0 and r > 1:
-        blocks = x[:, : full * w].unflatten(1, (full, w // r, r))[:, :, :, :, call.heads]
-        if o > 0:
-            views.append(blocks[:, :, :, :o])
-        if o < r - 1:
-            views.append(blocks[:, :, :, o + 1 :])
-    if n > full * w:
-        views.append(x[:, full * w :, call.heads])
-    return views
-
-
 def to_bhld(piece: torch.Tensor) -> torch.Tensor:
     """``(batch, segments, len, heads, *tail)`` -> ``(batch*segments, heads, len, *tail)``, the
     layout SDPA takes. A view except when segments of several batch rows cannot be merged

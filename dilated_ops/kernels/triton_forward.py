@@ -19,7 +19,7 @@ import triton.language as tl
 
 # Tile configuration per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), and whether to
 # load through TMA descriptors; benchmarks/bench_dilated.py --triton-config overrides it.
-CONFIGS = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 2)}
+CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3)}
 ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
 _LOG2E = 1.4426950408889634
