@@ -119,3 +119,26 @@ def test_triton_forward_writes_every_selected_element(dtype, d, is_causal):
             if is_causal:
                 s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
             torch.testing.assert_close(to_bhld(lp), torch.logsumexp(s, -1), atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("n", [4096, 4096 + 777, 1000])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_triton_groups_fills_unselected_positions(n, is_causal):
+    # The Triton path allocates its output uninitialised and writes the zeros itself: hand it
+    # NaN-poisoned memory through the caching allocator (a freed block of the same size is
+    # reused for the next allocation) and check every element was written.
+    from dilated_ops.kernels import triton_forward
+
+    b, h, d = 2, 7, 64
+    segs, rates = [512, 1024, 2048], [1, 3, 4]
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert triton_forward.supported(q, 0.0)
+    poison = torch.full((b, n, h, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+    poison_lse = torch.full((b, n, h), float("nan"), device="cuda")
+    ptr, ptr_lse = poison.data_ptr(), poison_lse.data_ptr()
+    del poison, poison_lse
+    out, lse = torch.ops.dilated.dilated_attention(q, k, v, segs, rates, "groups", is_causal)
+    assert out.data_ptr() == ptr and lse.data_ptr() == ptr_lse, "allocator did not reuse the poisoned blocks"
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    ref = dilated_attention_reference(q.double(), k.double(), v.double(), segs, rates, is_causal=is_causal)
+    assert rel(out, ref) < 2e-2
