@@ -24,9 +24,6 @@ CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128
 # (d=64: 2.44 vs 2.74 ms; d=128: 4.46 vs 3.88 ms, so not there). Writing the zeros of
 # unselected positions from the kernel instead of a fill pass measured 0.3 ms slower.
 FASTER_HEAD_DIMS = (64,)
-# Write the zeros of unselected positions from extra programs of the kernel rather than a
-# fill pass over the output before it.
-FILL_IN_KERNEL = os.environ.get("DILATED_OPS_FILL_IN_KERNEL", "1") != "0"
 ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
 _LOG2E = 1.4426950408889634
@@ -79,14 +76,10 @@ def _dilated_fwd(
     svb, svs, svl, svh,
     sob, sos, sol, soh,
     slb, sls, sll, slh,
-    S, H, L, qk_scale, out_scale, RATE, OFFSET, pos_so, pos_sl,
+    S, H, L, qk_scale, out_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
-    # Axis 0 interleaves, per query tile, the attention program (j == OFFSET) with RATE - 1
-    # programs that write zeros / -inf at the unselected positions j of the same blocks.
-    pid0 = tl.program_id(0)
-    j = pid0 % RATE
-    pid_m = pid0 // RATE
+    pid_m = tl.program_id(0)
     pid_z = tl.program_id(1).to(tl.int64)
     h = pid_z % H
     bs = pid_z // H
@@ -96,65 +89,49 @@ def _dilated_fwd(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    o_base = O + b * sob + s * sos + h * soh
-    lse_base = LSE + b * slb + s * sls + h * slh
-    if j != OFFSET:
-        row_ok = offs_m < L
-        shift = j - OFFSET
-        zeros = tl.zeros([BLOCK_M, HEAD_DIM], O.dtype.element_ty)
-        tl.store(o_base + offs_m[:, None] * sol + shift * pos_so + offs_d[None, :], zeros, mask=row_ok[:, None])
-        tl.store(lse_base + offs_m * sll + shift * pos_sl, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
+    q_base = Q + b * sqb + s * sqs + h * sqh
+    k_base = K + b * skb + s * sks + h * skh
+    v_base = V + b * svb + s * svs + h * svh
+    q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Tiles wholly inside the sequence (and, when causal, wholly below the diagonal) need no
+    # mask; the rest (the ragged end, the diagonal) do.
+    full_end = (L // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_end = tl.minimum(full_end, m0)
+        hi = tl.minimum(L, m0 + BLOCK_M)
     else:
-        q_base = Q + b * sqb + s * sqs + h * sqh
-        k_base = K + b * skb + s * sks + h * skh
-        v_base = V + b * svb + s * svs + h * svh
-        q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+        hi = L
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
+                              start_n, L, qk_scale, IS_CAUSAL, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
+                              start_n, L, qk_scale, IS_CAUSAL, True)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        # Tiles wholly inside the sequence (and, when causal, wholly below the diagonal) need no
-        # mask; the rest (the ragged end, the diagonal) do.
-        full_end = (L // BLOCK_N) * BLOCK_N
-        if IS_CAUSAL:
-            full_end = tl.minimum(full_end, m0)
-            hi = tl.minimum(L, m0 + BLOCK_M)
-        else:
-            hi = L
-        for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
-                                  start_n, L, qk_scale, IS_CAUSAL, False)
-        for start_n in range(full_end, hi, BLOCK_N):
-            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
-                                  start_n, L, qk_scale, IS_CAUSAL, True)
-
-        acc = acc * (out_scale / l_i)[:, None]
-        row_ok = offs_m < L
-        tl.store(o_base + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(lse_base + offs_m * sll, lse, mask=row_ok)
+    acc = acc * (out_scale / l_i)[:, None]
+    row_ok = offs_m < L
+    o_base = O + b * sob + s * sos + h * soh
+    tl.store(o_base + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + b * slb + s * sls + h * slh + offs_m * sll, lse, mask=row_ok)
 
 
-def forward_into(
-    q, k, v, out, lse, is_causal: bool, scale: float, out_scale: float,
-    rate: int = 1, offset: int = 0, out_pos_stride: int = 0, lse_pos_stride: int = 0,
-) -> None:
+def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: float) -> None:
     """Attention over each (batch, segment, head) of the 5-D pieces q, k, v; writes
-    ``out_scale * softmax(q k^T scale) v`` into ``out`` and the natural-log lse into ``lse``.
-
-    With ``rate > 1`` (full segments only: query ``i`` of the piece sits at
-    ``i * rate + offset`` of its segment), extra programs also write 0 / -inf at positions
-    ``i * rate + j``, ``j != offset``, reached with the full tensors' position strides
-    ``out_pos_stride`` / ``lse_pos_stride``."""
+    ``out_scale * softmax(q k^T scale) v`` into ``out`` and the natural-log lse into ``lse``."""
     b, s, length, h, d = q.shape
     if length == 0 or b * s * h == 0:
         return
     block_m, block_n, warps, stages = CONFIGS[d]
-    grid = (triton.cdiv(length, block_m) * rate, b * s * h)
+    grid = (triton.cdiv(length, block_m), b * s * h)
     _dilated_fwd[grid](
         q, k, v, out, lse,
         *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], *lse.stride(),
-        s, h, length, scale * _LOG2E, out_scale, rate, offset, out_pos_stride, lse_pos_stride,
+        s, h, length, scale * _LOG2E, out_scale,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=is_causal,
         num_warps=warps, num_stages=stages,
     )
