@@ -27,7 +27,8 @@ def main():
     print(f"n={n} d={d}: SDPA views path fwd {base:.3f} ms")
     triton_forward.ENABLED = True
     best = None
-    for bm, bn, w, st in itertools.product([64, 128], [64, 128], [4, 8], [2, 3, 4]):
+    for tma, bm, bn, w, st in itertools.product([False, True], [64, 128], [64, 128], [4, 8], [2, 3]):
+        triton_forward.USE_TMA = tma
         triton_forward.CONFIGS[d] = (bm, bn, w, st)
         try:
             with torch.no_grad():
@@ -35,11 +36,11 @@ def main():
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 t = time_ms(run, 3, 15)
         except Exception as e:  # resource limits for big tiles
-            print(f"  {bm}x{bn} w{w} s{st}: failed {str(e)[:80]}")
+            print(f"  tma={tma} {bm}x{bn} w{w} s{st}: failed {str(e)[:200]}")
             continue
-        print(f"  {bm}x{bn} w{w} s{st}: {t:.3f} ms  rel err vs SDPA path {err:.1e}", flush=True)
+        print(f"  tma={tma} {bm}x{bn} w{w} s{st}: {t:.3f} ms  rel err vs SDPA path {err:.1e}", flush=True)
         if err < 1e-2 and (best is None or t < best[0]):
-            best = (t, (bm, bn, w, st))
+            best = (t, (tma, bm, bn, w, st))
     print(f"best: {best}")
 
 

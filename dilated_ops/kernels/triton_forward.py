@@ -26,7 +26,20 @@ CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128
 FASTER_HEAD_DIMS = (64,)
 ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
+# Load q, k, v through device-side TMA descriptors where Hopper has them (and the views are
+# 16-byte aligned), else plain pointer loads.
+USE_TMA = os.environ.get("DILATED_OPS_TMA", "1") != "0" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
 _LOG2E = 1.4426950408889634
+_allocator_set = False
+
+
+def _ensure_allocator() -> None:
+    """Device-side descriptors need scratch memory: take it from PyTorch's caching allocator."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
 _LN2 = 0.6931471805599453
 
 
@@ -69,6 +82,28 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_n
 
 
 @triton.jit
+def _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, start_n, L, qk_scale,
+              IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    # TMA zero-fills rows past L, so only the scores need masking.
+    k = k_desc.load([start_n, 0])
+    qk = tl.dot(q, k.T) * qk_scale
+    if MASKED:
+        cols = start_n + offs_n
+        keep = cols[None, :] < L
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = v_desc.load([start_n, 0])
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _dilated_fwd(
     Q, K, V, O, LSE,
     sqb, sqs, sql, sqh,
@@ -78,6 +113,7 @@ def _dilated_fwd(
     slb, sls, sll, slh,
     S, H, L, qk_scale, out_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_z = tl.program_id(1).to(tl.int64)
@@ -92,8 +128,6 @@ def _dilated_fwd(
     q_base = Q + b * sqb + s * sqs + h * sqh
     k_base = K + b * skb + s * sks + h * skh
     v_base = V + b * svb + s * svs + h * svh
-    q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -105,12 +139,26 @@ def _dilated_fwd(
         hi = tl.minimum(L, m0 + BLOCK_M)
     else:
         hi = L
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
-                              start_n, L, qk_scale, IS_CAUSAL, False)
-    for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
-                              start_n, L, qk_scale, IS_CAUSAL, True)
+    if USE_TMA:
+        # One 2-D (len, head_dim) descriptor per program over this (batch, segment, head).
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[sql, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[skl, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[svl, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        q = q_desc.load([m0, 0])
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, start_n, L,
+                                      qk_scale, IS_CAUSAL, False)
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, start_n, L,
+                                      qk_scale, IS_CAUSAL, True)
+    else:
+        q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
+                                  start_n, L, qk_scale, IS_CAUSAL, False)
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
+                                  start_n, L, qk_scale, IS_CAUSAL, True)
 
     acc = acc * (out_scale / l_i)[:, None]
     row_ok = offs_m < L
@@ -128,10 +176,16 @@ def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: fl
         return
     block_m, block_n, warps, stages = CONFIGS[d]
     grid = (triton.cdiv(length, block_m), b * s * h)
+    use_tma = USE_TMA and all(
+        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:4])
+        for t in (q, k, v)
+    )
+    if use_tma:
+        _ensure_allocator()
     _dilated_fwd[grid](
         q, k, v, out, lse,
         *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], *lse.stride(),
         s, h, length, scale * _LOG2E, out_scale,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=is_causal,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=is_causal, USE_TMA=use_tma,
         num_warps=warps, num_stages=stages,
     )
