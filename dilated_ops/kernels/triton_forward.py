@@ -26,21 +26,11 @@ CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128
 FASTER_HEAD_DIMS = (64,)
 ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
-# Load q, k, v through device-side TMA descriptors where Hopper has them (and the views are
+# Load q, k, v through host-built TMA descriptors where Hopper has them (and the views are
 # 16-byte aligned), else plain pointer loads.
 USE_TMA = os.environ.get("DILATED_OPS_TMA", "1") != "0" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 _LOG2E = 1.4426950408889634
-_allocator_set = False
-
-
-def _ensure_allocator() -> None:
-    """Device-side descriptors need scratch memory: take it from PyTorch's caching allocator."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
-_LN2 = 0.6931471805599453
 
 
 def supported(q: torch.Tensor, dropout_p: float) -> bool:
@@ -82,10 +72,10 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_n
 
 
 @triton.jit
-def _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, start_n, L, qk_scale,
-              IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+def _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, b, s, h, offs_m, offs_n, start_n, L, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     # TMA zero-fills rows past L, so only the scores need masking.
-    k = k_desc.load([start_n, 0])
+    k = k_desc.load([b, s, start_n, h, 0]).reshape(BLOCK_N, HEAD_DIM)
     qk = tl.dot(q, k.T) * qk_scale
     if MASKED:
         cols = start_n + offs_n
@@ -98,7 +88,7 @@ def _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, start_n, L, qk_s
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = v_desc.load([start_n, 0])
+    v = v_desc.load([b, s, start_n, h, 0]).reshape(BLOCK_N, HEAD_DIM)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
 
@@ -125,9 +115,6 @@ def _dilated_fwd(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_base = Q + b * sqb + s * sqs + h * sqh
-    k_base = K + b * skb + s * sks + h * skh
-    v_base = V + b * svb + s * svs + h * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -140,18 +127,19 @@ def _dilated_fwd(
     else:
         hi = L
     if USE_TMA:
-        # One 2-D (len, head_dim) descriptor per program over this (batch, segment, head).
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[sql, 1], block_shape=[BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[skl, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[svl, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        q = q_desc.load([m0, 0])
+        # Host-built 5-D descriptors over the (batch, segments, len, heads, head_dim) views.
+        bi, si, hi32 = b.to(tl.int32), s.to(tl.int32), h.to(tl.int32)
+        q = Q.load([bi, si, m0, hi32, 0]).reshape(BLOCK_M, HEAD_DIM)
         for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, start_n, L,
-                                      qk_scale, IS_CAUSAL, False)
+            acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, K, V, bi, si, hi32, offs_m, offs_n, start_n, L,
+                                      qk_scale, HEAD_DIM, BLOCK_N, IS_CAUSAL, False)
         for start_n in range(full_end, hi, BLOCK_N):
-            acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, offs_m, offs_n, start_n, L,
-                                      qk_scale, IS_CAUSAL, True)
+            acc, l_i, m_i = _tile_tma(acc, l_i, m_i, q, K, V, bi, si, hi32, offs_m, offs_n, start_n, L,
+                                      qk_scale, HEAD_DIM, BLOCK_N, IS_CAUSAL, True)
     else:
+        q_base = Q + b * sqb + s * sqs + h * sqh
+        k_base = K + b * skb + s * sks + h * skh
+        v_base = V + b * svb + s * svs + h * svh
         q = tl.load(q_base + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skl, svl, offs_m, offs_n, offs_d,
@@ -181,9 +169,15 @@ def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: fl
         for t in (q, k, v)
     )
     if use_tma:
-        _ensure_allocator()
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        q_arg = TensorDescriptor.from_tensor(q, [1, 1, block_m, 1, d])
+        k_arg = TensorDescriptor.from_tensor(k, [1, 1, block_n, 1, d])
+        v_arg = TensorDescriptor.from_tensor(v, [1, 1, block_n, 1, d])
+    else:
+        q_arg, k_arg, v_arg = q, k, v
     _dilated_fwd[grid](
-        q, k, v, out, lse,
+        q_arg, k_arg, v_arg, out, lse,
         *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], *lse.stride(),
         s, h, length, scale * _LOG2E, out_scale,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=is_causal, USE_TMA=use_tma,
