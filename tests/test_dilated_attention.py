@@ -36,10 +36,10 @@ def test_matches_reference_float64(config, mode, is_causal):
         assert (got - want).abs().max() < 1e-10
 
 
-def rel_err(a, b):
-    """||a - b|| / ||b||, with an absolute floor for results that are exactly zero in exact
-    arithmetic (dq with a single key, say)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-6)).item()
+def rel_err(a, b, floor=1e-6):
+    """||a - b|| / max(||b||, floor); the floor stands in for results that are exactly zero in
+    exact arithmetic (dq when every query sees a single key, say)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(floor)).item()
 
 
 @pytest.mark.parametrize("mode", ["groups", "longnet"])
@@ -53,8 +53,10 @@ def test_matches_reference_float32(config, mode):
     assert out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
     g = rand(b, n, h, d)
-    for got, want in zip(grads(out, (q, k, v), g.float()), grads(ref, (q64, k64, v64), g)):
-        assert rel_err(got, want) < 1e-5
+    got, want = grads(out, (q, k, v), g.float()), grads(ref, (q64, k64, v64), g)
+    scale = torch.cat([w.flatten() for w in want]).norm()
+    for got_i, want_i in zip(got, want):
+        assert rel_err(got_i, want_i, floor=1e-3 * scale) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["groups", "longnet"])
