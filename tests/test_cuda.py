@@ -142,3 +142,11 @@ def test_groups_output_fully_written_from_poisoned_memory(n, is_causal):
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     ref = dilated_attention_reference(q.double(), k.double(), v.double(), segs, rates, is_causal=is_causal)
     assert rel(out, ref) < 2e-2
+
+
+def test_kernel_sdpa_skips_triton_and_agrees():
+    q, k, v = (torch.randn(1, 2048, 6, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    auto = dilated_ops.dilated_attention(q, k, v, [256, 512, 1024], [1, 2, 4])
+    sdpa = dilated_ops.dilated_attention(q, k, v, [256, 512, 1024], [1, 2, 4], kernel="sdpa")
+    assert not torch.equal(auto, sdpa)  # different kernels, different rounding
+    assert rel(auto, sdpa) < 1e-2
