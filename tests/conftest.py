@@ -15,6 +15,7 @@ def random_configs(count: int, seed: int):
         (2, 9, 7, 8, [4, 16], [2, 4]),             # tiny n, w > n
         (1, 1, 3, 8, [2, 4], [1, 2]),              # n = 1
         (2, 64, 13, 8, [16, 32, 64], [1, 2, 4]),   # 13 heads over 3 groups
+        (3, 50, 1, 8, [16], [2]),                  # one head
     ]
     configs = list(fixed)
     while len(configs) < count:

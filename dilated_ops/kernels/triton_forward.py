@@ -48,14 +48,9 @@ def supported(q: torch.Tensor, dropout_p: float) -> bool:
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_n, offs_d,
-          start_n, L, qk_scale, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
-    cols = start_n + offs_n
-    if MASKED:
-        k = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None], mask=cols[None, :] < L, other=0.0)
-    else:
-        k = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None])
-    qk = tl.dot(q, k) * qk_scale
+def _update(acc, l_i, m_i, qk, cols, offs_m, L, v, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over a key tile: ``qk`` scores (already in log2 units), ``v``
+    the tile's values; masks keys past ``L`` and, when causal, after the query."""
     if MASKED:
         keep = cols[None, :] < L
         if IS_CAUSAL:
@@ -65,13 +60,22 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_n
     p = tl.math.exp2(qk - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_n, offs_d,
+          start_n, L, qk_scale, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    cols = start_n + offs_n
     if MASKED:
+        k = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None], mask=cols[None, :] < L, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=cols[:, None] < L, other=0.0)
     else:
+        k = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :])
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_ij
+    qk = tl.dot(q, k) * qk_scale
+    return _update(acc, l_i, m_i, qk, cols, offs_m, L, v, IS_CAUSAL, MASKED)
 
 
 @triton.jit
@@ -79,21 +83,9 @@ def _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, b, s, h, offs_m, offs_n, start_n
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     # TMA zero-fills rows past L, so only the scores need masking.
     k = k_desc.load([b, s, start_n, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-    qk = tl.dot(q, k.T) * qk_scale
-    if MASKED:
-        cols = start_n + offs_n
-        keep = cols[None, :] < L
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
-        qk = tl.where(keep, qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
     v = v_desc.load([b, s, start_n, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_ij
+    qk = tl.dot(q, k.T) * qk_scale
+    return _update(acc, l_i, m_i, qk, start_n + offs_n, offs_m, L, v, IS_CAUSAL, MASKED)
 
 
 @triton.jit
