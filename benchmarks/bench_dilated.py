@@ -147,7 +147,7 @@ def main(argv=None):
                 else:
                     flops = 4 * h * n * n * d / (2 if args.causal else 1)
                     make, params = (lambda: [baselines.dense(q, k, v, args.causal)]), (q, k, v)
-                set_triton(impl != "op-sdpa")  # (same as kernel="sdpa")
+                set_triton(impl != "op-sdpa")  # (same as backend="sdpa")
                 f, fb, peak = measure(make, params, args.warmup, args.reps)
                 set_triton(True)
                 print(f"| {n:>8} | {name:<22} | {f:8.3f} | {flops / f / 1e9:8.1f} | {fb:10.3f} | {3.5 * flops / fb / 1e9:8.1f} | {peak:8.2f} |", flush=True)

@@ -8,7 +8,7 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("groups", "longnet")
-KERNELS = ("auto", "sdpa")
+BACKENDS = ("auto", "sdpa")
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -92,7 +92,7 @@ def check_num_groups(num_heads: int, num_groups: int) -> None:
 
 def check_dilated_args(
     q, k, v, segment_lengths, dilation_rates, mode, scale: Optional[float], dropout_p,
-    kernel: str = "auto",
+    backend: str = "auto",
 ) -> None:
     """Everything :func:`dilated_attention` takes, checked in SPEC section 1's terms."""
     check_qkv(q, k, v)
@@ -101,7 +101,7 @@ def check_dilated_args(
     check_dropout(dropout_p)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None: got {scale!r}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be 'auto' or 'sdpa': got {kernel!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or 'sdpa': got {backend!r}")
     if mode == "groups":
         check_num_groups(q.shape[2], len(segment_lengths))

@@ -147,6 +147,6 @@ def test_groups_output_fully_written_from_poisoned_memory(n, is_causal):
 def test_kernel_sdpa_skips_triton_and_agrees():
     q, k, v = (torch.randn(1, 2048, 6, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     auto = dilated_ops.dilated_attention(q, k, v, [256, 512, 1024], [1, 2, 4])
-    sdpa = dilated_ops.dilated_attention(q, k, v, [256, 512, 1024], [1, 2, 4], kernel="sdpa")
+    sdpa = dilated_ops.dilated_attention(q, k, v, [256, 512, 1024], [1, 2, 4], backend="sdpa")
     assert not torch.equal(auto, sdpa)  # different kernels, different rounding
     assert rel(auto, sdpa) < 1e-2

@@ -200,7 +200,7 @@ def call(q=None, k=None, v=None, segs=(8, 16), rates=(1, 2), **kw):
         (dict(segs=(4, 8, 16, 32, 64), rates=(1, 1, 1, 1, 1)), ValueError, "num_heads (4) must be >= number of segment groups (5)"),
         (dict(mode="dense"), ValueError, "mode must be 'groups' or 'longnet': got 'dense'"),
         (dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1): got 1.0"),
-        (dict(kernel="flash"), ValueError, "kernel must be 'auto' or 'sdpa': got 'flash'"),
+        (dict(backend="flash"), ValueError, "backend must be 'auto' or 'sdpa': got 'flash'"),
         (dict(q=rand(2, 16, 32)), ValueError, "q must be 4-D (batch, seq, heads, head_dim): got shape (2, 16, 32)"),
         (dict(k=rand(2, 16, 4, 8).long()), TypeError, "k must be float16, bfloat16, float32 or float64: got torch.int64"),
         (dict(v=rand(2, 16, 4, 8, dtype=torch.float32)), TypeError, "q, k and v must share one dtype"),

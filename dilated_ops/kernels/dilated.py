@@ -58,11 +58,11 @@ def dilated_attention_forward(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     seed: int = 0,
-    kernel: str = "auto",
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of dilated attention; q, k, v ``(batch, seq, heads, head_dim)``, already
     validated. ``seed`` drives the dropout masks (used only when ``dropout_p > 0``);
-    ``kernel`` "sdpa" keeps to PyTorch's attention kernels, "auto" may use our Triton one."""
+    ``backend`` "sdpa" keeps to PyTorch's attention kernels, "auto" may use our Triton one."""
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
     b, n, h, d = q.shape
     scale = attention.default_scale(d, scale)
@@ -75,7 +75,7 @@ def dilated_attention_forward(
         # measured 0.4 ms slower at n = 256K on the H100.
         out = q.new_zeros(b, n, h, d)
         lse = q.new_full((b, n, h), float("-inf"), dtype=lse_dtype)
-        triton_fwd = _triton_forward(q, dropout_p) if kernel == "auto" else None
+        triton_fwd = _triton_forward(q, dropout_p) if backend == "auto" else None
         for ci, call in enumerate(calls):
             for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
                 if triton_fwd is not None:

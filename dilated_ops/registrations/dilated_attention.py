@@ -41,19 +41,19 @@ def dilated_attention_op(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
-    kernel: str = "auto",
+    backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
-    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, kernel)
+    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend)
     return dilated_attention_forward(
         q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p,
-        _seed(dropout_p, dropout_seed), kernel,
+        _seed(dropout_p, dropout_seed), backend,
     )
 
 
 @dilated_attention_op.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, mode="groups", is_causal=False, scale=None,
-      dropout_p=0.0, dropout_seed=None, kernel="auto"):
-    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, kernel)
+      dropout_p=0.0, dropout_seed=None, backend="auto"):
+    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend)
     b, n, h, d = q.shape
     out = q.new_empty(b, n, h, d)
     lse = q.new_empty(b, n, h, dtype=_attention.lse_dtype(q.dtype))
@@ -119,7 +119,7 @@ def dilated_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
-    kernel: str = "auto",
+    backend: str = "auto",
 ) -> Tensor:
     """Dilated attention (LongNet) of q, k, v ``(batch, seq, heads, head_dim)``; returns
     ``(batch, seq, heads, head_dim)``.
@@ -128,18 +128,18 @@ def dilated_attention(
     (heads split into one group per branch, v0.2.0's ``DilatedAttention``) or "longnet" (every
     head in every branch, combined by softmax weight as in the LongNet paper). ``dropout_p``
     applies as given: pass 0.0 in eval, as with ``F.scaled_dot_product_attention``.
-    ``kernel`` "auto" runs the fastest kernel we have for the device (our Triton forward where
+    ``backend`` "auto" runs the fastest kernel we have for the device (our Triton forward where
     it measured faster); "sdpa" only PyTorch's own attention kernels.
     """
     # Checked here as well as in the op: the op's schema rejects wrong types with a less
     # helpful message before its body runs.
-    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, kernel)
+    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend)
     seed = None
     if dropout_p > 0.0:
         # Drawn from the default CPU generator, so torch.manual_seed makes runs repeatable.
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out, _ = dilated_attention_op(
         q, k, v, list(segment_lengths), list(dilation_rates), mode, is_causal, scale,
-        dropout_p, seed, kernel,
+        dropout_p, seed, backend,
     )
     return out
