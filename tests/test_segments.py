@@ -3,7 +3,7 @@ positions and heads of SPEC section 2."""
 import pytest
 import torch
 
-from dilated_ops.kernels.segments import from_bhld, head_groups, plan, segment_views, to_bhld, unselected_views
+from dilated_ops.kernels.segments import from_bhld, head_groups, plan, segment_views, to_bhld
 
 from conftest import random_configs
 
@@ -33,17 +33,6 @@ def test_segment_views_select_exactly_the_spec_positions(config, mode):
         heads = torch.zeros(h, dtype=torch.bool)
         heads[call.heads] = True
         assert torch.equal(hits, want[:, None] * heads[None, :].float())
-
-
-@pytest.mark.parametrize("config", random_configs(30, seed=5), ids=str)
-def test_selected_and_unselected_views_partition_groups_mode(config):
-    b, n, h, _, segs, rates = config
-    h = max(h, len(segs))
-    count = torch.zeros(b, n, h)
-    for call in plan(h, tuple(segs), tuple(rates), "groups"):
-        for view in segment_views(count, call) + unselected_views(count, call):
-            view += 1
-    assert torch.equal(count, torch.ones_like(count))
 
 
 def test_to_bhld_roundtrip_is_a_view():

@@ -84,31 +84,6 @@ def segment_views(x: torch.Tensor, call: BranchCall) -> List[torch.Tensor]:
     return pieces
 
 
-def unselected_views(x: torch.Tensor, call: BranchCall) -> List[torch.Tensor]:
-    """Views of ``x`` ``(batch, seq, heads, *tail)`` covering exactly the positions of
-    ``call.heads`` that ``call`` does not select (disjoint from :func:`segment_views`, so both
-    can be written concurrently). In groups mode each head belongs to one call, so these views
-    over all calls are exactly what no launch writes."""
-    n = x.shape[1]
-    w, r, o = call.seg_len, call.rate, call.offset
-    full = n // w
-    regions = []  # (batch, segments, len, heads, *tail), each segment starting at offset 0
-    if full > 0:
-        regions.append(x[:, : full * w].unflatten(1, (full, w))[:, :, :, call.heads])
-    if n > full * w:
-        regions.append(x[:, full * w :, call.heads].unsqueeze(1))
-    views = []
-    for region in regions:
-        m = region.shape[2]
-        blocks = m // r
-        if blocks:
-            grid = region[:, :, : blocks * r].unflatten(2, (blocks, r))
-            views += [grid[:, :, :, :o], grid[:, :, :, o + 1 :]]
-        start = blocks * r  # the ragged end of a partial segment: positions start + j, j < m - start
-        views += [region[:, :, start : min(start + o, m)], region[:, :, start + o + 1 : m]]
-    return [v for v in views if v.numel() > 0]
-
-
 def to_bhld(piece: torch.Tensor) -> torch.Tensor:
     """``(batch, segments, len, heads, *tail)`` -> ``(batch*segments, heads, len, *tail)``, the
     layout SDPA takes. A view except when segments of several batch rows cannot be merged
