@@ -1,4 +1,5 @@
-"""Dilated attention (SPEC sections 2-3) on PyTorch's attention kernels, forward and backward.
+"""Dilated attention (SPEC sections 2-3), forward and backward, on PyTorch's attention kernels
+(and, for the groups forward, our Triton kernel that writes in place: triton_forward.py).
 
 Every tensor is ``(batch, seq, heads, head_dim)``; the log-sum-exp is ``(batch, seq, heads)``.
 Each branch runs as one attention launch per piece of :func:`segments.segment_views` (the full
