@@ -83,7 +83,7 @@ NAMES = ("auto",) + tuple(IMPLEMENTATIONS)
 
 _ATTENTION_FIELDS = field_names(DilatedAttentionConfig)
 _MULTIHEAD_FIELDS = field_names(MultiheadConfig)
-_MULTIHEAD_ONLY = _MULTIHEAD_FIELDS + ("device", "dtype")
+_MULTIHEAD_ONLY = _MULTIHEAD_FIELDS + ("multihead_config", "device", "dtype")
 
 
 def implementations_table() -> str:
@@ -135,7 +135,7 @@ def _build_config(cls, base, overrides: dict, base_name: str, caller: str):
     missing = [name for name in required if name not in overrides]
     if missing:
         raise TypeError(
-            f"{caller}() needs {', '.join(missing)} (as keywords or in {base_name}=): missing "
+            f"{caller}() needs {', '.join(required)} (as keywords or in {base_name}=): missing "
             f"{', '.join(missing)}"
         )
     return cls(**overrides)
