@@ -56,7 +56,7 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
         Implementation(
             "improved",
             "the fastest kernel we have for the device (op kernel='auto'); elsewhere as standard",
-            "as standard; our Triton forward on CUDA (sm80+) float16/bfloat16, head_dim 64, groups mode",
+            "as standard, plus our Triton forward for CUDA (sm80+) float16/bfloat16, head_dim 64, groups mode, no dropout",
             ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention,
         ),
         Implementation(
