@@ -56,7 +56,8 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
         Implementation(
             "improved",
             "the fastest kernel we have for the device (op kernel='auto'); elsewhere as standard",
-            "as standard, plus our Triton forward for CUDA (sm80+) float16/bfloat16, head_dim 64, groups mode, no dropout",
+            "as standard, plus our Triton forward for CUDA (sm80+) float16/bfloat16, head_dim 64, "
+            "groups mode, no dropout",
             ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention,
         ),
         Implementation(
@@ -69,7 +70,8 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
             "distributed",
             "LongNet's sequence-parallel attention across processes",
             "not built",
-            missing="distributed: sequence-parallel dilated attention across processes (SPEC section 5) is not built yet",
+            missing="distributed: sequence-parallel dilated attention across processes (SPEC section 5) "
+            "is not built yet",
         ),
         Implementation(
             "block_sparse",
@@ -113,7 +115,8 @@ def choose_implementation(max_seq_len: Optional[int] = None, device=None) -> Tup
 
 def _resolve(attention_type, max_seq_len, device) -> Tuple[Implementation, str]:
     if attention_type not in NAMES:
-        raise ValueError(f"attention_type must be one of {', '.join(map(repr, NAMES))}: got {attention_type!r}")
+        names = ", ".join(map(repr, NAMES))
+        raise ValueError(f"attention_type must be one of {names}: got {attention_type!r}")
     if max_seq_len is not None:
         _checks.check_positive_int("max_seq_len", max_seq_len)
     if attention_type == "auto":

@@ -205,14 +205,16 @@ class MultiheadDilatedAttention(nn.Module):
     def forward(
         self,
         query: Tensor,
-        key: Tensor,
-        value: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
         need_weights: bool = False,
         attn_mask: Optional[Tensor] = None,
         is_causal: bool = False,
     ):
         """Returns ``(output, None)``: dilated attention has no weight matrix to return, so
-        ``need_weights`` changes nothing (as in v0.2.0)."""
+        ``need_weights`` changes nothing (as in v0.2.0). ``key``/``value`` default to ``query``."""
+        key = query if key is None else key
+        value = query if value is None else value
         if attn_mask is not None:
             raise ValueError(
                 "attn_mask is not supported by dilated attention: got a tensor of shape "

@@ -159,3 +159,33 @@ def test_dilated_attention_mask_error_and_op_errors_reach_the_user():
 def test_ring_repr_says_it_is_the_single_process_op():
     text = repr(dilated_ops.RingMultiheadDilatedAttention(32, 4, [1, 2], [8, 16]))
     assert "implementation='ring'" in text and "single process: same op as 'improved'" in text
+
+
+def test_key_and_value_default_to_query():
+    m = dilated_ops.MultiheadDilatedAttention(32, 4, segment_lengths=[8, 16], dilation_rates=[1, 2])
+    x = torch.randn(2, 20, 32)
+    assert torch.equal(m(x)[0], m(x, x, x)[0])
+
+
+ALL_MODULES = [(cls, dict(segment_lengths=[8, 16], dilation_rates=[1, 2])) for cls in DILATED] + [
+    (cls, dict(embed_dim=32, num_heads=4, segment_lengths=[8, 16], dilation_rates=[1, 2])) for cls in MULTIHEAD
+]
+
+
+def module_inputs(module):
+    if isinstance(module, dilated_ops.MultiheadDilatedAttention):
+        return (torch.randn(2, 40, 32),) * 3
+    return tuple(torch.randn(2, 40, 4, 8) for _ in range(3))
+
+
+@pytest.mark.parametrize("cls, kwargs", ALL_MODULES, ids=lambda x: x.__name__ if isinstance(x, type) else "")
+def test_every_module_is_one_op_node_without_graph_breaks(cls, kwargs):
+    module = cls(**kwargs).eval()
+    args = module_inputs(module)
+    ep = torch.export.export(module, args)
+    nodes = [n for n in ep.graph.nodes if n.target == torch.ops.dilated.dilated_attention.default]
+    assert len(nodes) == 1
+    torch.testing.assert_close(ep.module()(*args), module(*args))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(module)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
