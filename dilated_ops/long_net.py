@@ -90,6 +90,15 @@ class _FeedForward(nn.Module):
         return self.dropout(self.linear2(self.norm_mid(x)))
 
 
+def _self_attention(attention_type, d_model, nhead, segment_lengths, dilation_rates, dropout,
+                    layer_norm, layer_norm_eps, gamma_init, mode, kw):
+    return create_multihead_dilated_attention(
+        attention_type, embed_dim=d_model, num_heads=nhead, segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates, dropout=dropout, layer_norm=layer_norm,
+        layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, mode=mode, **kw,
+    )
+
+
 class DilatedTransformerEncoderLayer(nn.Module):
     """``x + SelfAttn(LN(x))`` then ``x + FF(x)``; the self-attention is a
     :class:`MultiheadDilatedAttention` with its output LayerNorm (sub-LN).
@@ -115,10 +124,9 @@ class DilatedTransformerEncoderLayer(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, **kw)
-        self.self_attn = create_multihead_dilated_attention(
-            attention_type, embed_dim=d_model, num_heads=nhead, segment_lengths=segment_lengths,
-            dilation_rates=dilation_rates, dropout=dropout, layer_norm=True,
-            layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, mode=mode, **kw,
+        self.self_attn = _self_attention(
+            attention_type, d_model, nhead, segment_lengths, dilation_rates, dropout, True,
+            layer_norm_eps, gamma_init, mode, kw,
         )
         self.dropout = nn.Dropout(dropout)
         self.ff = _FeedForward(d_model, dim_feedforward, dropout, activation, layer_norm_eps, gamma_init, kw)
@@ -153,10 +161,9 @@ class DilatedTransformerDecoderLayer(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, **kw)
-        self.self_attn = create_multihead_dilated_attention(
-            attention_type, embed_dim=d_model, num_heads=nhead, segment_lengths=segment_lengths,
-            dilation_rates=dilation_rates, dropout=dropout, layer_norm=False,
-            layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, mode=mode, **kw,
+        self.self_attn = _self_attention(
+            attention_type, d_model, nhead, segment_lengths, dilation_rates, dropout, False,
+            layer_norm_eps, gamma_init, mode, kw,
         )
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, **kw)
         self.multihead_attn = CrossAttention(d_model, nhead, dropout, layer_norm_eps, gamma_init, **kw)
