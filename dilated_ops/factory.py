@@ -1,6 +1,7 @@
 """``create_dilated_attention`` / ``create_multihead_dilated_attention`` (the v0.2.0 factory)
-and the capability table, as data, that drives "auto", the NotImplementedError texts and the
-README's table (:func:`implementations_table`; a test keeps the README in step).
+and the capability table, as data: the classes each name (and each "auto" choice) builds, the
+NotImplementedError texts of what is not built, and the README's table
+(:func:`implementations_table`; a test keeps the README in step).
 
 Options come as keywords or as config objects (``attention_config=``,
 ``multihead_config=``); keywords override the config's fields. Unknown keywords, and
