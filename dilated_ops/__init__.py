@@ -1,8 +1,41 @@
 """dilated_ops: LongNet dilated attention as torch.compile- and torch.export-clean custom ops.
 
-Importing this package registers the ``torch.ops.dilated`` namespace.
+Importing this package registers the ``torch.ops.dilated`` namespace. Layers: the API
+(``config``, ``factory``, ``modules``, ``long_net``, ``memory``) calls ``registrations`` (the
+ops), which call ``kernels``; nothing imports upward.
 """
 from .registrations import dilated_attention
+from .config import DilatedAttentionConfig, MultiheadConfig
+from .modules import (
+    DilatedAttention,
+    ImprovedDilatedAttention,
+    ImprovedMultiheadDilatedAttention,
+    MultiheadDilatedAttention,
+    RingDilatedAttention,
+    RingMultiheadDilatedAttention,
+)
+from .factory import create_dilated_attention, create_multihead_dilated_attention
+from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
+from .memory import clear_memory_pool, get_memory_pool_info
 
 __version__ = "0.1.0"
-__all__ = ["dilated_attention", "__version__"]
+__all__ = [
+    "dilated_attention",
+    "DilatedAttentionConfig",
+    "MultiheadConfig",
+    "DilatedAttention",
+    "ImprovedDilatedAttention",
+    "RingDilatedAttention",
+    "MultiheadDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "create_dilated_attention",
+    "create_multihead_dilated_attention",
+    "DilatedTransformerEncoderLayer",
+    "DilatedTransformerDecoderLayer",
+    "LongNet",
+    "LongNetLM",
+    "get_memory_pool_info",
+    "clear_memory_pool",
+    "__version__",
+]

@@ -50,11 +50,42 @@ def check_mode(mode) -> None:
         raise ValueError(f"mode must be 'groups' or 'longnet': got {mode!r}")
 
 
-def check_dropout(dropout_p) -> None:
+def check_dropout(dropout_p, name: str = "dropout_p") -> None:
+    """``name``: the argument as the caller spells it (``dropout`` in configs and modules)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1): got {dropout_p!r}")
+        raise TypeError(f"{name} must be a float in [0, 1): got {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1): got {dropout_p!r}")
+        raise ValueError(f"{name} must be in [0, 1): got {dropout_p!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool: got {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int: got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int: got {value!r}")
+
+
+def check_positive_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float: got {value!r}")
+    if not value > 0.0:
+        raise ValueError(f"{name} must be > 0: got {value!r}")
+
+
+def check_embed_dim(embed_dim, num_heads) -> None:
+    """Positive ints, ``embed_dim % num_heads == 0`` (SPEC section 1's message)."""
+    check_positive_int("embed_dim", embed_dim)
+    check_positive_int("num_heads", num_heads)
+    if embed_dim % num_heads:
+        raise ValueError(
+            f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}). "
+            f"Got head_dim={embed_dim / num_heads:.2f}"
+        )
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,0 +1,40 @@
+"""The v0.2.0 ``dilated_attention_pytorch`` import paths, each only re-exporting from
+:mod:`dilated_ops` (the package that holds the code)."""
+from dilated_ops import (
+    DilatedAttention,
+    DilatedAttentionConfig,
+    DilatedTransformerDecoderLayer,
+    DilatedTransformerEncoderLayer,
+    ImprovedDilatedAttention,
+    ImprovedMultiheadDilatedAttention,
+    LongNet,
+    LongNetLM,
+    MultiheadConfig,
+    MultiheadDilatedAttention,
+    RingDilatedAttention,
+    RingMultiheadDilatedAttention,
+    __version__,
+    clear_memory_pool,
+    create_dilated_attention,
+    create_multihead_dilated_attention,
+    get_memory_pool_info,
+)
+
+__all__ = [
+    "DilatedAttention",
+    "MultiheadDilatedAttention",
+    "ImprovedDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
+    "RingDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "DilatedTransformerEncoderLayer",
+    "DilatedTransformerDecoderLayer",
+    "LongNet",
+    "LongNetLM",
+    "DilatedAttentionConfig",
+    "MultiheadConfig",
+    "create_dilated_attention",
+    "create_multihead_dilated_attention",
+    "get_memory_pool_info",
+    "clear_memory_pool",
+]

@@ -1,0 +1,4 @@
+"""v0.2.0 import path (alias of dilated_ops)."""
+from dilated_ops import DilatedAttention
+
+__all__ = ["DilatedAttention"]

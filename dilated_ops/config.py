@@ -1,0 +1,91 @@
+"""Frozen, validated configuration objects of the v0.2.0 API (migration guide, "Type-Safe
+Configuration"). Lists are normalised to tuples, so configs are hashable and can be shared
+between modules; every field is checked at construction with the messages of ``_checks``.
+``dataclasses.replace(config, field=value)`` re-validates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Tuple
+
+from . import _checks
+
+
+@dataclass(frozen=True)
+class DilatedAttentionConfig:
+    """What dilated attention computes (SPEC sections 1-3).
+
+    - ``segment_lengths`` / ``dilation_rates``: the branches ``(w_i, r_i)``; equal lengths,
+      ``w_i % r_i == 0``.
+    - ``dropout``: attention-probability dropout, applied by the modules in training mode only.
+    - ``use_tf32``: kept for v0.2.0 compatibility and shown in ``repr``; it changes no global
+      state. TF32 for float32 matmuls on CUDA (the projections) is PyTorch's
+      ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``, which
+      stay yours to set.
+    - ``mode``: ``"groups"`` (v0.2.0's numerics, default) or ``"longnet"`` (the paper's Eq. 10).
+    """
+
+    segment_lengths: Tuple[int, ...]
+    dilation_rates: Tuple[int, ...]
+    dropout: float = 0.0
+    use_tf32: bool = True
+    mode: str = "groups"
+
+    def __post_init__(self):
+        _checks.check_segments(self.segment_lengths, self.dilation_rates)
+        # frozen: normalise through object.__setattr__, once, here.
+        object.__setattr__(self, "segment_lengths", tuple(self.segment_lengths))
+        object.__setattr__(self, "dilation_rates", tuple(self.dilation_rates))
+        _checks.check_dropout(self.dropout, "dropout")
+        _checks.check_bool("use_tf32", self.use_tf32)
+        _checks.check_mode(self.mode)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.segment_lengths)
+
+
+@dataclass(frozen=True)
+class MultiheadConfig:
+    """The multi-head wrapper (MAGNETO, as v0.2.0).
+
+    - ``embed_dim`` split into ``num_heads`` heads of ``embed_dim // num_heads``.
+    - ``bias``: biases of the q/k/v/out projections.
+    - ``layer_norm`` / ``layer_norm_eps``: LayerNorm of the attention output before
+      ``out_proj`` (MAGNETO's sub-LN).
+    - ``gamma_init``: gain of the xavier-normal init of ``v_proj`` and ``out_proj``.
+    - ``batch_first``: inputs ``(batch, seq, embed_dim)`` when True (default), else
+      ``(seq, batch, embed_dim)``.
+    """
+
+    embed_dim: int
+    num_heads: int
+    bias: bool = True
+    layer_norm: bool = True
+    layer_norm_eps: float = 1e-5
+    gamma_init: float = 1.0
+    batch_first: bool = True
+
+    def __post_init__(self):
+        _checks.check_embed_dim(self.embed_dim, self.num_heads)
+        _checks.check_bool("bias", self.bias)
+        _checks.check_bool("layer_norm", self.layer_norm)
+        _checks.check_positive_float("layer_norm_eps", self.layer_norm_eps)
+        _checks.check_positive_float("gamma_init", self.gamma_init)
+        _checks.check_bool("batch_first", self.batch_first)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+def field_names(cls) -> Tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def check_heads_cover_groups(multihead: MultiheadConfig, attention: DilatedAttentionConfig) -> None:
+    """Groups mode needs one head per branch at least (SPEC section 3); fail at construction
+    rather than at the first forward."""
+    if attention.mode == "groups":
+        _checks.check_num_groups(multihead.num_heads, attention.num_groups)
+

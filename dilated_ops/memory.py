@@ -1,0 +1,63 @@
+"""What this library itself caches, reported and cleared: ``get_memory_pool_info`` /
+``clear_memory_pool`` (the v0.2.0 names).
+
+There is no memory pool: tensors come from PyTorch's caching allocator (see
+``torch.cuda.memory_stats`` for that). The library's own caches are listed in :data:`CACHES`;
+today that is one, the launch plans of ``kernels.segments.plan`` (Python data: which heads use
+which segment, rate and offset; no tensors, since the index math is strided views). A cache of
+tensors added later reports its tensors and bytes through the same table.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict, NamedTuple
+
+from .kernels import segments
+
+
+class Cache(NamedTuple):
+    """A cache the library keeps: ``entries()`` (number of cached items), ``tensor_bytes()``
+    (bytes of the tensors it holds), ``clear()``."""
+
+    entries: Callable[[], int]
+    tensor_bytes: Callable[[], int]
+    clear: Callable[[], None]
+    holds: str
+
+
+CACHES: Dict[str, Cache] = {
+    "kernels.segments.plan": Cache(
+        entries=lambda: segments.plan.cache_info().currsize,
+        tensor_bytes=lambda: 0,  # Python tuples of BranchCall, no tensors
+        clear=segments.plan.cache_clear,
+        holds="attention launch plans per (heads, segment_lengths, dilation_rates, mode): Python data",
+    ),
+}
+
+# One lock so a report is a consistent snapshot and never interleaves with a clear.
+_LOCK = threading.Lock()
+
+
+def get_memory_pool_info() -> dict:
+    """``total_buffers``: cached entries over all the library's caches; ``total_memory_mb``:
+    MiB of tensors those caches hold (0.0 while they hold only Python data, whose few hundred
+    bytes per entry are not counted); ``caches``: the same per cache, with what it holds."""
+    with _LOCK:
+        caches = {
+            name: {"entries": c.entries(), "tensor_bytes": c.tensor_bytes(), "holds": c.holds}
+            for name, c in CACHES.items()
+        }
+    total_bytes = sum(c["tensor_bytes"] for c in caches.values())
+    return {
+        "total_buffers": sum(c["entries"] for c in caches.values()),
+        "total_memory_mb": total_bytes / 2**20,
+        "caches": caches,
+        "allocator": "PyTorch's caching allocator (not part of this report)",
+    }
+
+
+def clear_memory_pool() -> None:
+    """Empty every cache the library keeps (they refill on the next calls)."""
+    with _LOCK:
+        for c in CACHES.values():
+            c.clear()

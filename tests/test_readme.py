@@ -1,0 +1,24 @@
+"""The README's API quick start runs as written."""
+import contextlib
+import io
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def api_section_blocks():
+    text = README.read_text()
+    start = text.index("## API (factory, configs, modules)")
+    end = text.index("\n## ", start + 1)
+    return re.findall(r"^```python\n(.*?)^```", text[start:end], re.M | re.S)
+
+
+def test_api_quick_start_runs():
+    blocks = api_section_blocks()
+    assert blocks
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+    assert "implementation=" in out.getvalue() and "total_buffers" in out.getvalue()
