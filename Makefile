@@ -21,8 +21,9 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m dilated_ops
 
+# A fresh Inductor cache per run: a cached artifact of an earlier schema hid a lowering error once.
 test: install
-	$(PY) -m pytest -q tests
+	TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -50,13 +50,13 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
     for impl in (
         Implementation(
             "standard",
-            "PyTorch's own attention kernels on strided segment views (op kernel='sdpa')",
+            "PyTorch's own attention kernels on strided segment views (op backend='sdpa')",
             "CPU and CUDA; float32, float64; float16/bfloat16 on CUDA; any head_dim",
             DilatedAttention, MultiheadDilatedAttention,
         ),
         Implementation(
             "improved",
-            "the fastest kernel we have for the device (op kernel='auto'); elsewhere as standard",
+            "the fastest kernel we have for the device (op backend='auto'); elsewhere as standard",
             "as standard, plus our Triton forward for CUDA (sm80+) float16/bfloat16, head_dim 64, "
             "groups mode, no dropout",
             ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention,

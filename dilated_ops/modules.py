@@ -3,8 +3,8 @@ is one op call, so ``torch.compile`` and ``torch.export`` see one node per atten
 
 Implementations (same math, groups mode by default; see ``factory.IMPLEMENTATIONS``):
 - standard (``DilatedAttention``, ``MultiheadDilatedAttention``): PyTorch's own attention
-  kernels (the op's ``kernel="sdpa"``);
-- improved (``Improved*``): the fastest kernel we have for the device (``kernel="auto"``: our
+  kernels (the op's ``backend="sdpa"``);
+- improved (``Improved*``): the fastest kernel we have for the device (``backend="auto"``: our
   Triton forward where it measured faster, else the same kernels as standard);
 - ring (``Ring*``): in one process, the same op as improved (SPEC section 5: the ring result
   equals the plain one); across processes not built yet (NotImplementedError).
@@ -34,7 +34,7 @@ class DilatedAttention(nn.Module):
     """
 
     implementation = "standard"
-    kernel = "sdpa"
+    backend = "sdpa"
 
     def __init__(
         self,
@@ -64,13 +64,13 @@ class DilatedAttention(nn.Module):
             )
         return dilated_attention(
             query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
-            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, kernel=self.kernel,
+            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"implementation={self.implementation!r} ({self.selection_reason}), kernel={self.kernel!r}, "
+            f"implementation={self.implementation!r} ({self.selection_reason}), backend={self.backend!r}, "
             f"segment_lengths={list(c.segment_lengths)}, dilation_rates={list(c.dilation_rates)}, "
             f"mode={c.mode!r}, dropout={c.dropout}, use_tf32={c.use_tf32}"
         )
@@ -78,10 +78,10 @@ class DilatedAttention(nn.Module):
 
 class ImprovedDilatedAttention(DilatedAttention):
     """:class:`DilatedAttention` on the fastest kernel we have for the device (the op's
-    ``kernel="auto"``); where we have none faster, the same kernels as "standard"."""
+    ``backend="auto"``); where we have none faster, the same kernels as "standard"."""
 
     implementation = "improved"
-    kernel = "auto"
+    backend = "auto"
 
 
 def _check_single_process(owner: str) -> None:

@@ -43,7 +43,7 @@ def test_built_names_give_their_classes_and_kernels(machine, name, dilated_cls, 
     a = create_dilated_attention(name, **SEGS)
     m = create_multihead_dilated_attention(name, **MH, **SEGS)
     assert type(a) is dilated_cls and type(m) is multihead_cls
-    assert a.kernel == kernel and m.attention.kernel == kernel
+    assert a.backend == kernel and m.attention.backend == kernel
     assert f"implementation={name!r} (requested by name)" in repr(a)
     assert f"implementation={name!r} (requested by name)" in repr(m)
 

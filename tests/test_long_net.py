@@ -137,10 +137,6 @@ def test_export_dynamic_sequence_length():
         torch.testing.assert_close(ep.module()(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, raises=torch._inductor.exc.InductorError, reason=(
-    "existing op: its argument `kernel` collides with Inductor's FallbackKernel.create(kernel, ...) "
-    "when it holds its default 'auto' (TypeError: got multiple values for argument 'kernel'); "
-    "renaming the op's schema argument fixes it"))
 def test_compile_improved_with_inductor(no_compile_caches):
     model = two_layer_longnet(attention_type="improved")
     x = torch.randn(2, 40, 32)
