@@ -101,19 +101,28 @@ def dilated_nodes(graph):
     return [n for n in graph.nodes if n.op == "call_function" and n.target == DILATED_OP]
 
 
+# float64 keeps inductor's reordered arithmetic far below the tolerances; torch 2.11's Inductor
+# hands the CPU flash SDPA backward (the decoder's dense cross-attention) a float32 lse for
+# float64 inputs and fails (seen on the GPU machine), so older torch compares in float32.
+_COMPILE_DTYPE, _COMPILE_TOL = (
+    (torch.float64, dict(rtol=1e-9, atol=1e-10))
+    if torch.__version__ >= (2, 13)
+    else (torch.float32, dict(rtol=1e-4, atol=1e-5))
+)
+
+
 def test_compile_fullgraph_matches_eager(no_compile_caches):
-    # float64, so that inductor's reordered float arithmetic stays far below the tolerances
     torch.manual_seed(0)
-    model = two_layer_longnet(dtype=torch.float64)
-    x = torch.randn(2, 40, 32, dtype=torch.float64, requires_grad=True)
+    model = two_layer_longnet(dtype=_COMPILE_DTYPE)
+    x = torch.randn(2, 40, 32, dtype=_COMPILE_DTYPE, requires_grad=True)
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True)
     got = compiled(x)
-    torch.testing.assert_close(got, eager, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(got, eager, **_COMPILE_TOL)
     g = torch.randn_like(eager)
     params = (x,) + tuple(model.parameters())
     for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(eager, params, g)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(a, b, **_COMPILE_TOL)
 
 
 def test_export_one_dilated_node_per_attention_call_and_matches_eager():
