@@ -107,7 +107,7 @@ def dilated_nodes(graph):
 _COMPILE_DTYPE, _COMPILE_TOL = (
     (torch.float64, dict(rtol=1e-9, atol=1e-10))
     if torch.__version__ >= (2, 13)
-    else (torch.float32, dict(rtol=1e-4, atol=1e-5))
+    else (torch.float32, dict(rtol=1e-4, atol=1e-4))  # some bias gradients are 0 up to rounding
 )
 
 
