@@ -17,6 +17,7 @@ from .modules import (
 from .factory import create_dilated_attention, create_multihead_dilated_attention
 from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
 from .memory import clear_memory_pool, get_memory_pool_info
+from .fx_passes import RewriteReport, backend
 
 __version__ = "0.1.0"
 __all__ = [
@@ -37,5 +38,7 @@ __all__ = [
     "LongNetLM",
     "get_memory_pool_info",
     "clear_memory_pool",
+    "backend",
+    "RewriteReport",
     "__version__",
 ]

@@ -1,0 +1,83 @@
+"""Rewrites ``F.scaled_dot_product_attention(q, k, v, ...)`` calls on ``(batch, heads, seq,
+head_dim)`` into ``torch.ops.dilated.dilated_attention`` between transposes (bhnd <-> bnhd).
+
+``is_causal``, ``scale`` and ``dropout_p`` pass through (SDPA applies ``dropout_p`` as given,
+so does the op; the draws differ). Refused, left untouched and reported: ``attn_mask``,
+``enable_gqa=True``, q/k/v of different shapes (sequence lengths, heads) or not 4-D, fewer heads
+than dilation groups.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from ._emit import Target, emit_dilated, heads_problem
+from .report import Decider, example_shape
+
+KIND = "scaled_dot_product_attention"
+_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+def _bind(node: torch.fx.Node) -> dict:
+    if len(node.args) > len(_NAMES):
+        raise TypeError(f"{len(node.args)} positional arguments")
+    a = dict(_DEFAULTS)
+    a.update(zip(_NAMES, node.args))
+    for name, value in node.kwargs.items():
+        if name not in _NAMES or (name in _NAMES[: len(node.args)]):
+            raise TypeError(f"unexpected keyword {name!r}")
+        a[name] = value
+    missing = [n for n in _NAMES[:3] if n not in a]
+    if missing:
+        raise TypeError(f"missing {missing}")
+    return a
+
+
+def _problem(a: dict, target: Target) -> Optional[str]:
+    if a["attn_mask"] is not None:
+        return "attn_mask is not supported by dilated attention (use is_causal=True)"
+    if a["enable_gqa"]:
+        return "enable_gqa=True is not supported"
+    if not all(isinstance(a[n], (int, float)) for n in ("dropout_p",)) or not isinstance(a["is_causal"], bool):
+        return "dropout_p / is_causal are not Python constants"
+    if a["scale"] is not None and not isinstance(a["scale"], float):
+        return f"scale {a['scale']!r} is not a Python float"
+    shapes = [example_shape(a[n]) for n in ("query", "key", "value")]
+    if any(s is None for s in shapes):
+        return "q/k/v shapes unknown (no example_value metadata)"
+    if len(shapes[0]) != 4 or len(set(shapes)) != 1:
+        return f"q, k, v must be 4-D (batch, heads, seq, head_dim) of one shape: got {shapes}"
+    return heads_problem(target, shapes[0][1]) if isinstance(shapes[0][1], int) else None
+
+
+def rewrite_sdpa(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _TARGETS:
+            continue
+        if not decider.selected(KIND, node):
+            continue
+        try:
+            a = _bind(node)
+        except TypeError as err:
+            decider.refuse(KIND, node, f"arguments do not bind: {err}")
+            continue
+        problem = _problem(a, target)
+        if problem:
+            decider.refuse(KIND, node, problem)
+            continue
+        with graph.inserting_before(node):
+            q, k, v = (graph.call_function(torch.transpose, (a[n], 1, 2)) for n in ("query", "key", "value"))
+            out = emit_dilated(graph, target, q, k, v, a["is_causal"], float(a["dropout_p"]), a["scale"])
+            out = graph.call_function(torch.transpose, (out, 1, 2))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        decider.done(KIND, node)
+        count += 1
+    return count
