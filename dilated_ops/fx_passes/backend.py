@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from ._emit import Target
-from .mha import rewrite_mha
+from .mha import report_fast_path, rewrite_mha
 from .report import Decider, RewriteReport, op_backend
 from .sdpa import rewrite_sdpa
 from .. import _checks
@@ -30,6 +30,7 @@ def rewrite(
     report = RewriteReport()
     decider = Decider(report, select, strict)
     changed = rewrite_mha(gm, target, decider) + rewrite_sdpa(gm, target, decider)
+    report_fast_path(gm, decider)
     if changed:
         gm.graph.lint()
         gm.recompile()

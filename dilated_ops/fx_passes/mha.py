@@ -114,3 +114,18 @@ def rewrite_mha(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> i
         decider.done(KIND, node)
         count += 1
     return count
+
+
+FAST_PATH = "_transformer_encoder_layer_fwd"
+
+
+def report_fast_path(gm: torch.fx.GraphModule, decider: Decider) -> None:
+    """``nn.TransformerEncoderLayer``'s fused eval fast path (eval + no_grad) is one
+    ``torch._transformer_encoder_layer_fwd`` node; this slice does not expand it: reported
+    as refused (strict mode raises)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch._transformer_encoder_layer_fwd:
+            if decider.selected(FAST_PATH, node):
+                decider.refuse(FAST_PATH, node, (
+                    "nn.TransformerEncoderLayer's fused eval fast path is not rewritten yet; "
+                    "run with gradients enabled or in train mode to get the rewritable path"))

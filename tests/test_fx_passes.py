@@ -1,0 +1,351 @@
+"""Graph rewriting through torch.compile (dilated_ops.fx_passes): stock attention in Dynamo graphs
+becomes torch.ops.dilated.dilated_attention, and the rewritten model equals the original (one
+dense branch) or the hand-built dilated math (a real dilated config)."""
+import copy
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from expecttest import assert_expected_inline
+from torch import nn
+
+import dilated_ops
+from dilated_ops.fx_passes import RewriteRefused
+from dilated_ops.kernels.reference import dilated_attention_reference
+
+D64 = torch.float64
+N = 16
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def dense(**kw):
+    return dilated_ops.backend([N], [1], inner=kw.pop("inner", "aot_eager"), **kw)
+
+
+def check_same(model, inputs, be, **kwargs):
+    """The compiled (rewritten) model's output and parameter gradients equal the original's."""
+    compiled_model = copy.deepcopy(model)
+    out = model(*inputs, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    got = torch.compile(compiled_model, backend=be, fullgraph=True)(*inputs, **kwargs)
+    got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, out, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got.backward(grad)
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+class SelfMHA(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, dtype=D64)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class SeparateProj(nn.Module):
+    """Self-attention through F.multi_head_attention_forward with separate q/k/v weights
+    (nn.MultiheadAttention uses them only when kdim/vdim differ, i.e. cross-attention)."""
+
+    def __init__(self, e=8, h=2, bias=True):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v = (nn.Parameter(torch.randn(e, e, dtype=D64) / 3) for _ in range(3))
+        self.in_bias = nn.Parameter(torch.randn(3 * e, dtype=D64)) if bias else None
+        self.out = nn.Linear(e, e, bias=bias, dtype=D64)
+
+    def forward(self, x):  # x (seq, batch, embed)
+        return F.multi_head_attention_forward(
+            x, x, x, x.shape[-1], self.h, None, self.in_bias, None, None, False, 0.0,
+            self.out.weight, self.out.bias, training=self.training, need_weights=False,
+            use_separate_proj_weight=True, q_proj_weight=self.q, k_proj_weight=self.k,
+            v_proj_weight=self.v,
+        )
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, e=8, h=2):
+        super().__init__()
+        self.h = h
+        self.ln = nn.LayerNorm(e, dtype=D64)
+        self.qkv = nn.Linear(e, 3 * e, dtype=D64)
+        self.proj = nn.Linear(e, e, dtype=D64)
+        self.mlp = nn.Sequential(nn.Linear(e, 2 * e, dtype=D64), nn.GELU(), nn.Linear(2 * e, e, dtype=D64))
+
+    def forward(self, x):  # (batch, seq, embed)
+        b, n, e = x.shape
+        q, k, v = self.qkv(self.ln(x)).split(e, dim=-1)
+        q, k, v = (t.view(b, n, self.h, e // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, n, e))
+        return x + self.mlp(x)
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=11, e=8, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, e, dtype=D64)
+        self.blocks = nn.ModuleList(GPTBlock(e) for _ in range(layers))
+        self.head = nn.Linear(e, vocab, dtype=D64)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def encoder():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=D64)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def x64(*shape):
+    return torch.randn(*shape, dtype=D64)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_dense_branch_equals_original(batch_first):
+    be = dense()
+    check_same(SelfMHA(batch_first), (x64(3, N, 8),), be)
+    assert [e.module_path for e in be.report.rewritten] == ["attn"] and not be.report.refused
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_separate_projection_weights_dense_branch_equals_original(bias):
+    be = dense()
+    check_same(SeparateProj(bias=bias), (x64(N, 3, 8),), be)
+    assert len(be.report.rewritten) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_transformer_encoder_train_mode_equals_original(causal):
+    be = dense()
+    kwargs = {}
+    if causal:
+        kwargs = dict(mask=nn.Transformer.generate_square_subsequent_mask(N, dtype=D64), is_causal=True)
+    check_same(encoder().train(), (x64(2, N, 8),), be, **kwargs)
+    assert [e.module_path for e in be.report.rewritten] == ["layers.0.self_attn", "layers.1.self_attn"]
+
+
+def test_transformer_encoder_eval_fast_path_is_reported_not_rewritten():
+    # Eval + no_grad: nn.TransformerEncoderLayer takes its fused fast path, one
+    # torch._transformer_encoder_layer_fwd node that this slice does not rewrite yet.
+    model = encoder().eval()
+    be = dense()
+    x = x64(2, N, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=be, fullgraph=True)(x), model(x))
+    assert not be.report.rewritten
+    assert [(e.kind, e.module_path) for e in be.report.refused] == [("_transformer_encoder_layer_fwd", "layers.0"),
+                                                                   ("_transformer_encoder_layer_fwd", "layers.1")]
+    # Eval with grad enabled takes the ordinary path, which is rewritten.
+    check_same(model, (x,), be)
+    assert len(be.report.rewritten) == 2
+
+
+def test_gpt_sdpa_causal_dense_branch_equals_original():
+    be = dense()
+    check_same(GPT(), (torch.randint(0, 11, (2, N)),), be)
+    assert [e.module_path for e in be.report.rewritten] == ["blocks.0", "blocks.1"]
+
+
+def test_inductor_inner_backend():
+    be = dense(inner="inductor")
+    check_same(SelfMHA(True), (x64(2, N, 8),), be)
+
+
+def test_registered_backend_name_takes_options():
+    model = SelfMHA(True)
+    x = x64(2, N, 8)
+    opts = {"segment_lengths": [N], "dilation_rates": [1], "inner": "aot_eager"}
+    got = torch.compile(model, backend="dilated", options=opts, fullgraph=True)(x)
+    torch.testing.assert_close(got, model(x))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="needs options"):
+        torch.compile(model, backend="dilated", fullgraph=True)(x)
+
+
+def test_real_dilated_config_equals_hand_built_math():
+    n, segs, rates = 32, [8, 16], [1, 2]
+    model = SelfMHA(True)
+    x = x64(2, n, 8)
+    be = dilated_ops.backend(segs, rates, inner="aot_eager")
+    compiled = torch.compile(copy.deepcopy(model), backend=be, fullgraph=True)
+    got = compiled(x)
+
+    m = model.attn
+    q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (2, 4)) for t in (q, k, v))
+    want = F.linear(dilated_attention_reference(q, k, v, segs, rates).flatten(2), m.out_proj.weight, m.out_proj.bias)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert (got - model(x)).abs().max() > 1e-3  # it is not dense attention
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    for (name, p), c in zip(model.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(c.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("model,inp", [(SelfMHA(True), (2, N, 8)), (encoder().train(), (2, N, 8))])
+def test_explain_zero_graph_breaks(model, inp):
+    be = dense()
+    explanation = torch._dynamo.explain(torch.compile(model, backend=be))(x64(*inp))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def targets(gm):
+    def name(t):
+        if isinstance(t, torch._ops.OpOverload):
+            return str(t)
+        return getattr(t, "__name__", str(t))
+    return "\n".join(name(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+
+
+def capture(model, *inputs):
+    graphs = []
+    be = dense(inner=lambda gm, ex: graphs.append(gm) or gm)
+    torch.compile(model, backend=be, fullgraph=True)(*inputs)
+    return targets(graphs[0])
+
+
+def test_rewritten_mha_graph_pinned():
+    assert_expected_inline(capture(SelfMHA(True), x64(2, N, 8)), """\
+transpose
+linear
+chunk
+getitem
+getitem
+getitem
+unflatten
+transpose
+unflatten
+transpose
+unflatten
+transpose
+dilated.dilated_attention.default
+getitem
+transpose
+flatten
+linear
+transpose""")
+
+
+def test_rewritten_gpt_graph_pinned():
+    text = capture(GPT(layers=1), torch.randint(0, 11, (2, N)))
+    assert "scaled_dot_product_attention" not in text
+    assert_expected_inline(text, """\
+embedding
+layer_norm
+linear
+split
+getitem
+getitem
+getitem
+view
+transpose
+view
+transpose
+view
+transpose
+transpose
+transpose
+transpose
+dilated.dilated_attention.default
+getitem
+transpose
+transpose
+reshape
+linear
+add
+linear
+gelu
+linear
+add
+linear""")
+
+
+def run_refused(model, *inputs, **kwargs):
+    be = dense()
+    out = torch.compile(copy.deepcopy(model), backend=be, fullgraph=True)(*inputs, **kwargs)
+    want = model(*inputs, **kwargs)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, want[0] if isinstance(want, tuple) else want)
+    assert not be.report.rewritten
+    return [e.reason for e in be.report.refused]
+
+
+def mha():
+    return nn.MultiheadAttention(8, 2, batch_first=True, dtype=D64)
+
+
+def test_refused_need_weights():
+    x = x64(2, N, 8)
+    assert run_refused(mha(), x, x, x, need_weights=True) == [
+        "need_weights=True (the dilated op returns no attention weights)"]
+
+
+def test_refused_key_padding_mask():
+    x = x64(2, N, 8)
+    kpm = torch.zeros(2, N, dtype=torch.bool)
+    kpm[:, -2:] = True
+    assert run_refused(mha(), x, x, x, key_padding_mask=kpm, need_weights=False) == [
+        "key_padding_mask is not supported by dilated attention"]
+
+
+def test_refused_float_attn_mask():
+    x = x64(2, N, 8)
+    assert run_refused(mha(), x, x, x, attn_mask=x64(N, N), need_weights=False) == [
+        "attn_mask without is_causal=True (an arbitrary mask) is not supported"]
+
+
+def test_refused_cross_attention():
+    x, mem = x64(2, N, 8), x64(2, N, 8)
+    assert run_refused(mha(), x, mem, mem, need_weights=False) == [
+        "cross-attention (key/value not the query) is not supported"]
+
+
+def test_refused_sdpa_mask():
+    class M(nn.Module):
+        def forward(self, q, mask):
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert run_refused(M(), x64(2, 2, N, 4), x64(N, N)) == [
+        "attn_mask is not supported by dilated attention (use is_causal=True)"]
+
+
+def test_strict_raises_on_refusal():
+    x = x64(2, N, 8)
+    with pytest.raises(Exception, match="need_weights=True"):
+        torch.compile(mha(), backend=dense(strict=True), fullgraph=True)(x, x, x, need_weights=True)
+
+
+def test_select_chooses_calls_by_module_path():
+    be = dense(select=lambda path: path == "layers.1.self_attn")
+    torch.compile(encoder().train(), backend=be, fullgraph=True)(x64(2, N, 8))
+    assert [e.module_path for e in be.report.rewritten] == ["layers.1.self_attn"]
+    assert [(e.module_path, e.reason) for e in be.report.skipped] == [("layers.0.self_attn", "not chosen by select")]
+
+
+def test_dropout_in_training_is_passed_to_the_op():
+    graphs = []
+    be = dense(inner=lambda gm, ex: graphs.append(gm) or gm)
+    m = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True, dtype=D64)
+    x = x64(2, N, 8)
+    torch.compile(m, backend=be, fullgraph=True)(x, x, x, need_weights=False)
+    (node,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.dilated.dilated_attention.default]
+    assert node.args[8] == 0.5 and node.args[9] is not None
+    m.eval()
+    torch._dynamo.reset()
+    graphs.clear()
+    torch.compile(m, backend=be, fullgraph=True)(x, x, x, need_weights=False)
+    (node,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.dilated.dilated_attention.default]
+    assert node.args[8] == 0.0 and node.args[9] is None
