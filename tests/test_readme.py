@@ -22,3 +22,22 @@ def test_api_quick_start_runs():
         for block in blocks:
             exec(compile(block, str(README), "exec"), {"__name__": "readme"})
     assert "implementation=" in out.getvalue() and "total_buffers" in out.getvalue()
+
+
+def test_compile_section_runs():
+    import torch
+
+    text = README.read_text()
+    start = text.index("## Use with torch.compile (graph rewriting)")
+    end = text.index("\n## ", start + 1)
+    blocks = re.findall(r"^```python\n(.*?)^```", text[start:end], re.M | re.S)
+    assert blocks
+    out = io.StringIO()
+    torch._dynamo.reset()
+    try:
+        with contextlib.redirect_stdout(out):
+            for block in blocks:
+                exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+    finally:
+        torch._dynamo.reset()
+    assert "rewritten 2" in out.getvalue() and "layers.1.self_attn" in out.getvalue()
