@@ -349,3 +349,15 @@ def test_dropout_in_training_is_passed_to_the_op():
     torch.compile(m, backend=be, fullgraph=True)(x, x, x, need_weights=False)
     (node,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.dilated.dilated_attention.default]
     assert node.args[8] == 0.0 and node.args[9] is None
+
+
+def test_sdpa_rewrite_with_dynamic_sequence_length():
+    be = dilated_ops.backend([8], [1], inner="aot_eager")
+    compiled = torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True),
+                             backend=be, dynamic=True, fullgraph=True)
+    for n in (8, 12):
+        q = x64(2, 2, n, 4)
+        bnhd = q.transpose(1, 2)
+        want = dilated_ops.dilated_attention(bnhd, bnhd, bnhd, [8], [1], is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(compiled(q), want)
+    assert len(be.report.rewritten) == 1
