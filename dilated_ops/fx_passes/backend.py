@@ -99,6 +99,5 @@ def _registered(gm, example_inputs, options=None, mode=None):
 
 
 def register() -> None:
-    from torch._dynamo.backends.registry import _COMPILER_FNS
-    if "dilated" not in _COMPILER_FNS:
+    if "dilated" not in torch._dynamo.list_backends(exclude_tags=()):
         torch._dynamo.register_backend(_registered, name="dilated")
