@@ -1,7 +1,7 @@
 """dilated_ops: LongNet dilated attention as torch.compile- and torch.export-clean custom ops.
 
 Importing this package registers the ``torch.ops.dilated`` namespace. Layers: the API
-(``config``, ``factory``, ``modules``, ``long_net``, ``memory``) calls ``registrations`` (the
+(``config``, ``factory``, ``modules``, ``long_net``, ``memory``, ``convert``) calls ``registrations`` (the
 ops), which call ``kernels``; nothing imports upward.
 """
 from .registrations import dilated_attention
@@ -18,6 +18,7 @@ from .factory import create_dilated_attention, create_multihead_dilated_attentio
 from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
 from .memory import clear_memory_pool, get_memory_pool_info
 from .fx_passes import RewriteReport, backend
+from .convert import ConvertedMultiheadAttention, convert, export
 
 __version__ = "0.1.0"
 __all__ = [
@@ -40,5 +41,8 @@ __all__ = [
     "clear_memory_pool",
     "backend",
     "RewriteReport",
+    "convert",
+    "export",
+    "ConvertedMultiheadAttention",
     "__version__",
 ]

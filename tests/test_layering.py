@@ -1,10 +1,10 @@
-"""Imports flow one way: API (config, factory, modules, long_net, memory) -> registrations ->
+"""Imports flow one way: API (config, factory, modules, long_net, memory, convert) -> registrations ->
 kernels, and fx_passes -> registrations; the reference is imported by tests only; the alias package imports dilated_ops only."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-API = {"config", "factory", "modules", "long_net", "memory"}
+API = {"config", "factory", "modules", "long_net", "memory", "convert"}
 
 
 def imported(path: Path):

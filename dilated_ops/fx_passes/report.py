@@ -35,13 +35,14 @@ class RewriteRefused(RuntimeError):
 @dataclass(frozen=True)
 class Entry:
     kind: str            # "multi_head_attention_forward" or "scaled_dot_product_attention"
-    node: str            # the FX node's name
+    node: str            # the FX node's name ("" for convert's module swaps)
     module_path: str     # e.g. "layers.0.self_attn"; "" for the top module or unknown
     reason: str = ""     # why it was refused or skipped ("" when rewritten)
 
     def __str__(self) -> str:
         where = self.module_path or "<top>"
-        return f"{self.kind} at {where} (node {self.node})" + (f": {self.reason}" if self.reason else "")
+        node = f" (node {self.node})" if self.node else ""  # no node: a module swap (convert)
+        return f"{self.kind} at {where}{node}" + (f": {self.reason}" if self.reason else "")
 
 
 @dataclass
