@@ -1,6 +1,7 @@
 """Module swapping (dilated_ops.convert) and export (dilated_ops.export): nn.MultiheadAttention
 modules become in-proj + torch.ops.dilated.dilated_attention + out-proj on the same Parameters."""
 import copy
+import io
 
 import expecttest
 import pytest
@@ -172,3 +173,52 @@ def test_forward_refusals_name_the_module():
         attn(x, x, x, need_weights=False, attn_mask=torch.zeros(N, N))
     with pytest.raises(ValueError, match="'attn'.*another length"):
         attn(x, x[:4], x[:4], need_weights=False)
+
+
+class Export(expecttest.TestCase):
+    def test_encoder_program_has_one_dilated_node_per_call_and_no_sdpa(self):
+        model = encoder().eval()
+        x = x64(2, N, 8)
+        ep = dilated_ops.export(model, (x,), segment_lengths=[N], dilation_rates=[1])
+        targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        attention = [t for t in targets if "attention" in t or "transformer_encoder" in t]
+        self.assertExpectedInline("\n".join(attention), """\
+dilated.dilated_attention.default
+dilated.dilated_attention.default""")
+        self.assertEqual([str(e) for e in ep.dilated_ops_report.rewritten],
+                         ["nn.MultiheadAttention at layers.0.self_attn", "nn.MultiheadAttention at layers.1.self_attn"])
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-10, atol=1e-10)
+        assert type(model.layers[0].self_attn) is nn.MultiheadAttention  # the model passed in is kept
+
+    def test_save_load_round_trip(self):
+        model = SelfMHA(batch_first=True).eval()
+        x = x64(2, N, 8)
+        ep = dilated_ops.export(model, (x,), segment_lengths=[4, 8], dilation_rates=[1, 2])
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        buf.seek(0)
+        loaded = torch.export.load(buf)
+        self.assertEqual(sum(n.target == OP for n in loaded.graph.nodes), 1)
+        torch.testing.assert_close(loaded.module()(x), ep.module()(x), rtol=0, atol=0)
+
+    def test_dynamic_batch_after_conversion(self):
+        # PyTorch issue #156681: nn.MultiheadAttention with a dynamic batch fails on the fast path.
+        model = SelfMHA(batch_first=True).eval()
+        batch = torch.export.Dim("batch", min=1, max=64)
+        ep = dilated_ops.export(model, (x64(2, N, 8),), segment_lengths=[N], dilation_rates=[1],
+                                dynamic_shapes=({0: batch},))
+        for b in (1, 5):
+            x = x64(b, N, 8)
+            with torch.no_grad():
+                torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-10, atol=1e-10)
+
+    def test_functional_sdpa_is_reported_left(self):
+        class Sdpa(nn.Module):
+            def forward(self, q):
+                return F.scaled_dot_product_attention(q, q, q)
+
+        ep = dilated_ops.export(Sdpa(), (x64(1, 2, N, 4),), segment_lengths=[N], dilation_rates=[1])
+        self.assertEqual([e.kind for e in ep.dilated_ops_report.refused], ["scaled_dot_product_attention"])
+        with self.assertRaises(RewriteRefused):
+            dilated_ops.export(Sdpa(), (x64(1, 2, N, 4),), segment_lengths=[N], dilation_rates=[1], strict=True)
