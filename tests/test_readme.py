@@ -41,3 +41,5 @@ def test_compile_section_runs():
     finally:
         torch._dynamo.reset()
     assert "rewritten 2" in out.getvalue() and "layers.1.self_attn" in out.getvalue()
+    assert "rewritten 2, refused 0, skipped 0" in out.getvalue()
+    assert out.getvalue().split()[-1] == "2"  # two dilated nodes in the exported program
