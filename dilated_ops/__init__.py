@@ -18,7 +18,7 @@ from .factory import create_dilated_attention, create_multihead_dilated_attentio
 from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
 from .memory import clear_memory_pool, get_memory_pool_info
 from .fx_passes import RewriteReport, backend
-from .convert import ConvertedMultiheadAttention, convert, export
+from .module_swap import ConvertedMultiheadAttention, convert, export
 
 __version__ = "0.1.0"
 __all__ = [

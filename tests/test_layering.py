@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-API = {"config", "factory", "modules", "long_net", "memory", "convert"}
+API = {"config", "factory", "modules", "long_net", "memory", "module_swap"}
 
 
 def imported(path: Path):
