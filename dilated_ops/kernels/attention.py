@@ -18,6 +18,7 @@ Backends (chosen per call, honouring ``torch.backends.cuda.*_sdp_enabled()`` so 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -29,6 +30,17 @@ aten = torch.ops.aten
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the log-sum-exp for inputs of ``dtype``: float32, or float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device):
+    """``(major, minor)`` of a CUDA device, asked of the driver once per device (it is read on
+    every launch)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def select_backend(q: torch.Tensor, dropout_p: float) -> str:
@@ -44,7 +56,7 @@ def select_backend(q: torch.Tensor, dropout_p: float) -> str:
                 head_dim <= 128
                 and cuda.cudnn_sdp_enabled()
                 and torch.backends.cudnn.is_available()
-                and torch.cuda.get_device_capability(q.device) >= (9, 0)
+                and device_capability(q.device) >= (9, 0)
             ):
                 return "cudnn"
             if cuda.flash_sdp_enabled():

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import device_capability
+
 # Tile configuration per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), from
 # benchmarks/sweep_triton.py on the H100 (64x64, 4 warps, 3 stages was best at d=64).
 CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3)}
@@ -43,7 +45,7 @@ def supported(q: torch.Tensor, dropout_p: float) -> bool:
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] in FASTER_HEAD_DIMS
         and dropout_p == 0.0
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+        and device_capability(q.device) >= (8, 0)
     )
 
 
