@@ -54,7 +54,7 @@ def test_backend_matches_reference(name, mode, is_causal, case, monkeypatch):
     q, k, v = fused.unbind(2)
     g = torch.randn(b, n, h, d, device="cuda", dtype=torch.float64)
     with sdpa_kernel(kernels):
-        assert attention.select_backend(q, 0.0) == EXPECTED[name]
+        assert attention.select_backend(q, 0.0, 0.125) == EXPECTED[name]
         out = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=is_causal)
         out.backward(g.to(dtype))
     ref = dilated_attention_reference(q64, k64, v64, segs, rates, mode=mode, is_causal=is_causal)
@@ -132,7 +132,7 @@ def test_groups_output_fully_written_from_poisoned_memory(n, is_causal):
     b, h, d = 2, 7, 64
     segs, rates = [512, 1536, 2048], [1, 3, 4]
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    assert triton_forward.supported(q, 0.0)
+    assert triton_forward.supported(q, 0.0, 0.125)
     poison = torch.full((b, n, h, d), float("nan"), device="cuda", dtype=torch.bfloat16)
     poison_lse = torch.full((b, n, h), float("nan"), device="cuda")
     ptr, ptr_lse = poison.data_ptr(), poison_lse.data_ptr()
@@ -142,6 +142,28 @@ def test_groups_output_fully_written_from_poisoned_memory(n, is_causal):
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     ref = dilated_attention_reference(q.double(), k.double(), v.double(), segs, rates, is_causal=is_causal)
     assert rel(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.3])
+def test_any_scale_sign_forward_backward(scale, backend):
+    # The Triton forward takes the running max of unscaled scores (valid for scale > 0 only),
+    # and torch 2.11's cuDNN and flash SDPA return NaN for scale <= 0: other scales must take
+    # another path and still match the reference, forward and backward.
+    from dilated_ops.kernels import triton_forward
+
+    q, k, v = (torch.randn(2, 1000, 5, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    segs, rates = [128, 512], [1, 4]
+    assert triton_forward.supported(q, 0.0, scale) == (scale > 0)
+    assert (attention.select_backend(q, 0.0, scale) in ("cudnn", "flash")) == (scale > 0)
+    got = dilated_ops.dilated_attention(q, k, v, segs, rates, scale=scale, backend=backend)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = dilated_attention_reference(q64, k64, v64, segs, rates, scale=scale)
+    assert rel(got, ref) < 1e-2
+    g = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(got, (q, k, v), g.to(got.dtype)), torch.autograd.grad(ref, (q64, k64, v64), g)):
+        # scale 0: dq and dk are exactly zero, so bound the error by v's gradient scale too
+        assert (a.double() - c).norm() <= 2e-2 * c.norm() + 1e-3 * a.numel() ** 0.5
 
 
 def test_kernel_sdpa_skips_triton_and_agrees():

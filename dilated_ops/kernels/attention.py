@@ -43,7 +43,7 @@ def device_capability(device: torch.device):
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def select_backend(q: torch.Tensor, dropout_p: float) -> str:
+def select_backend(q: torch.Tensor, dropout_p: float, scale: float) -> str:
     if dropout_p > 0.0:
         return "math"
     if q.device.type == "cpu":
@@ -51,7 +51,8 @@ def select_backend(q: torch.Tensor, dropout_p: float) -> str:
     if q.device.type == "cuda":
         head_dim = q.shape[-1]
         cuda = torch.backends.cuda
-        if q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
+        # torch 2.11's cuDNN and flash SDPA return NaN for scale <= 0 (measured on the H100).
+        if q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256 and scale > 0:
             if (
                 head_dim <= 128
                 and cuda.cudnn_sdp_enabled()
@@ -109,7 +110,7 @@ def forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``(B, H, L, D)`` q, k, v. Returns ``out`` ``(B, H, L, D)`` (any strides)
     and ``lse`` ``(B, H, L)`` in :func:`lse_dtype`."""
-    backend = select_backend(q, dropout_p)
+    backend = select_backend(q, dropout_p, scale)
     if backend == "cudnn":
         res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
         out, lse = res[0], res[1]
@@ -143,7 +144,7 @@ def backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)``, each ``(B, H, L, D)``, of attention with probabilities
     ``exp(q k^T scale - lse)`` and ``delta = rowsum(grad_out * out)``. ``lse`` ``(B, H, L)``."""
-    backend = select_backend(q, dropout_p)
+    backend = select_backend(q, dropout_p, scale)
     length = q.shape[-2]
     no_rng = torch.empty(0, dtype=torch.int64, device=q.device)  # dropout is off on these paths
     if backend == "cudnn":

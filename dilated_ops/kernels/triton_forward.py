@@ -38,9 +38,11 @@ USE_TMA = (
 _LOG2E = 1.4426950408889634
 
 
-def supported(q: torch.Tensor, dropout_p: float) -> bool:
+def supported(q: torch.Tensor, dropout_p: float, scale: float) -> bool:
+    # scale > 0: the running max is taken on the unscaled scores (one FMA per score).
     return (
         ENABLED
+        and scale > 0
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] in FASTER_HEAD_DIMS
@@ -50,19 +52,22 @@ def supported(q: torch.Tensor, dropout_p: float) -> bool:
 
 
 @triton.jit
-def _update(acc, l_i, m_i, qk, cols, offs_m, L, v, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
-    """One online-softmax step over a key tile: ``qk`` scores (already in log2 units), ``v``
-    the tile's values; masks keys past ``L`` and, when causal, after the query."""
+def _update(acc, l_i, m_i, qk, cols, offs_m, L, v, qk_scale, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over a key tile: ``qk`` raw scores (scaled here by ``qk_scale``,
+    which includes log2(e), folded into one FMA with the max subtraction), ``v`` the tile's
+    values; masks keys past ``L`` and, when causal, after the query."""
     if MASKED:
         keep = cols[None, :] < L
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
         qk = tl.where(keep, qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p32 = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    l_ij = tl.sum(p32, 1)
+    p = p32.to(v.dtype)
     alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    l_i = l_i * alpha + l_ij
+    acc = tl.dot(p, v, acc * alpha[:, None])
     return acc, l_i, m_ij
 
 
@@ -76,8 +81,8 @@ def _tile(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_n
     else:
         k = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None])
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :])
-    qk = tl.dot(q, k) * qk_scale
-    return _update(acc, l_i, m_i, qk, cols, offs_m, L, v, IS_CAUSAL, MASKED)
+    qk = tl.dot(q, k)
+    return _update(acc, l_i, m_i, qk, cols, offs_m, L, v, qk_scale, IS_CAUSAL, MASKED)
 
 
 @triton.jit
@@ -86,8 +91,8 @@ def _tile_tma(acc, l_i, m_i, q, k_desc, v_desc, b, s, h, offs_m, offs_n, start_n
     # TMA zero-fills rows past L, so only the scores need masking.
     k = k_desc.load([b, s, start_n, h, 0]).reshape(BLOCK_N, HEAD_DIM)
     v = v_desc.load([b, s, start_n, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-    qk = tl.dot(q, k.T) * qk_scale
-    return _update(acc, l_i, m_i, qk, start_n + offs_n, offs_m, L, v, IS_CAUSAL, MASKED)
+    qk = tl.dot(q, k.T)
+    return _update(acc, l_i, m_i, qk, start_n + offs_n, offs_m, L, v, qk_scale, IS_CAUSAL, MASKED)
 
 
 @triton.jit
