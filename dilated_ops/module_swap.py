@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fx_passes._emit import heads_problem
-from .fx_passes.backend import _target
+from .fx_passes.backend import make_target
 from .fx_passes.report import Entry, RewriteRefused, RewriteReport
 from .registrations.dilated_attention import dilated_attention
 
@@ -142,7 +142,7 @@ def convert(
     shows (``need_weights=True``, ``key_padding_mask``, a mask not declared causal) raises
     ValueError at forward.
     """
-    target = _target(segment_lengths, dilation_rates, mode, implementation)
+    target = make_target(segment_lengths, dilation_rates, mode, implementation)
     report = RewriteReport()
     done = {}  # id(original) -> converted: a module shared by several paths stays shared
 
