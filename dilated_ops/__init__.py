@@ -17,7 +17,7 @@ from .modules import (
 from .factory import create_dilated_attention, create_multihead_dilated_attention
 from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
 from .memory import clear_memory_pool, get_memory_pool_info
-from .fx_passes import RewriteReport, backend
+from .fx_passes import RewriteReport, backend, rewrite_exported
 from .module_swap import ConvertedMultiheadAttention, convert, export
 
 __version__ = "0.1.0"
@@ -41,6 +41,7 @@ __all__ = [
     "clear_memory_pool",
     "backend",
     "RewriteReport",
+    "rewrite_exported",
     "convert",
     "export",
     "ConvertedMultiheadAttention",

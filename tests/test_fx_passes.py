@@ -11,6 +11,7 @@ from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
+from models import GPT
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 
@@ -71,38 +72,6 @@ class SeparateProj(nn.Module):
             use_separate_proj_weight=True, q_proj_weight=self.q, k_proj_weight=self.k,
             v_proj_weight=self.v,
         )
-
-
-class GPTBlock(nn.Module):
-    def __init__(self, e=8, h=2):
-        super().__init__()
-        self.h = h
-        self.ln = nn.LayerNorm(e, dtype=D64)
-        self.qkv = nn.Linear(e, 3 * e, dtype=D64)
-        self.proj = nn.Linear(e, e, dtype=D64)
-        self.mlp = nn.Sequential(nn.Linear(e, 2 * e, dtype=D64), nn.GELU(), nn.Linear(2 * e, e, dtype=D64))
-
-    def forward(self, x):  # (batch, seq, embed)
-        b, n, e = x.shape
-        q, k, v = self.qkv(self.ln(x)).split(e, dim=-1)
-        q, k, v = (t.view(b, n, self.h, e // self.h).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, n, e))
-        return x + self.mlp(x)
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab=11, e=8, layers=2):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, e, dtype=D64)
-        self.blocks = nn.ModuleList(GPTBlock(e) for _ in range(layers))
-        self.head = nn.Linear(e, vocab, dtype=D64)
-
-    def forward(self, idx):
-        x = self.emb(idx)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 def encoder():
@@ -312,7 +281,7 @@ def test_refused_sdpa_mask():
         def forward(self, q, mask):
             return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert run_refused(M(), x64(2, 2, N, 4), x64(N, N)) == [
-        "attn_mask is not supported by dilated attention (use is_causal=True)"]
+        "a float attn_mask (an additive bias) is not supported by dilated attention (use is_causal=True)"]
 
 
 def test_strict_raises_on_refusal():
