@@ -112,7 +112,7 @@ class ConvertedMultiheadAttention(nn.Module):
                 f"mode={self.mode!r}, backend={self.backend!r}")
 
 
-def _problem(mha: nn.MultiheadAttention, target) -> Optional[str]:
+def mha_problem(mha: nn.MultiheadAttention, target) -> Optional[str]:
     if mha.bias_k is not None or mha.bias_v is not None:
         return "add_bias_kv=True is not supported"
     if mha.add_zero_attn:
@@ -153,7 +153,7 @@ def convert(
         if select is not None and not select(name):
             report.skipped.append(Entry(KIND, "", name, "not chosen by select"))
             return mha
-        problem = _problem(mha, target)
+        problem = mha_problem(mha, target)
         if problem:
             entry = Entry(KIND, "", name, problem)
             report.refused.append(entry)
