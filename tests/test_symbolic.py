@@ -142,3 +142,13 @@ def test_other_key_length_raises_at_forward():
     gm, _ = traced_and_rewritten(Block())
     with pytest.raises(ValueError, match="'cross'.*another length"):
         gm(x64(2, N, 8), x64(2, 8, 8))
+
+
+def test_transformer_encoder_layer_cannot_be_symbolically_traced():
+    # Why the symbolic_trace pass is tested on nn.MultiheadAttention modules only: PyTorch's own
+    # tracer fails on nn.TransformerEncoderLayer (its fast-path checks call
+    # torch._C._nn._none_or_dtype on a Proxy; seen on torch 2.13). If this starts passing, the
+    # encoder can be covered too.
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    with pytest.raises(RuntimeError, match=r"_none_or_dtype\(\) must be None or torch.Tensor"):
+        torch.fx.symbolic_trace(layer)
