@@ -200,6 +200,8 @@ def export(
     nodes left in the program (functional ``F.scaled_dot_product_attention`` calls) are then
     rewritten by :func:`dilated_ops.rewrite_exported`'s pass, in the same report (entries of
     kind "scaled_dot_product_attention"; refused ones stay SDPA, ``strict=True`` raises).
+    ``select`` is asked in both steps: with MHA module paths, then with the paths of the modules
+    whose code calls SDPA (a module it declined to convert is asked again for its SDPA node).
     """
     converted, report = convert(copy.deepcopy(model), segment_lengths, dilation_rates, mode,
                                 implementation, select, strict)
