@@ -59,8 +59,11 @@ def _problem(a: dict, target: Target) -> Optional[str]:
     e, h = a["embed_dim"], a["num_heads"]
     if not (isinstance(e, int) and isinstance(h, int)) or e % h:
         return f"embed_dim {e!r} / num_heads {h!r} not static ints dividing evenly"
-    if not all(isinstance(a[n], bool) for n in ("use_gelu", "norm_first")) or not isinstance(a["eps"], float):
-        return "use_gelu / norm_first / eps are not Python constants"
+    if not all(isinstance(a[n], bool) for n in ("use_gelu", "norm_first")):
+        return "use_gelu / norm_first are not Python constants"
+    # eps: a float, or a graph input (a SymFloat under dynamic=True, before Dynamo specializes it).
+    if not isinstance(a["eps"], (float, torch.fx.Node)):
+        return f"eps {a['eps']!r} is neither a float nor a graph value"
     return heads_problem(target, h)
 
 
