@@ -1,7 +1,7 @@
 """dilated_ops: LongNet dilated attention as torch.compile- and torch.export-clean custom ops.
 
 Importing this package registers the ``torch.ops.dilated`` namespace. Layers: the API
-(``config``, ``factory``, ``modules``, ``long_net``, ``memory``, ``convert``) calls ``registrations`` (the
+(``config``, ``factory``, ``modules``, ``long_net``, ``memory``, ``module_swap``, ``symbolic``) calls ``registrations`` (the
 ops), which call ``kernels``; nothing imports upward.
 """
 from .registrations import dilated_attention
@@ -17,8 +17,9 @@ from .modules import (
 from .factory import create_dilated_attention, create_multihead_dilated_attention
 from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
 from .memory import clear_memory_pool, get_memory_pool_info
-from .fx_passes import RewriteReport, backend
+from .fx_passes import RewriteReport, backend, rewrite_exported
 from .module_swap import ConvertedMultiheadAttention, convert, export
+from .symbolic import rewrite_symbolic
 
 __version__ = "0.1.0"
 __all__ = [
@@ -41,8 +42,10 @@ __all__ = [
     "clear_memory_pool",
     "backend",
     "RewriteReport",
+    "rewrite_exported",
     "convert",
     "export",
     "ConvertedMultiheadAttention",
+    "rewrite_symbolic",
     "__version__",
 ]

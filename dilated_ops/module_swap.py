@@ -1,7 +1,8 @@
 """Module swapping (issue 4): :func:`convert` replaces ``nn.MultiheadAttention`` submodules by
 :class:`ConvertedMultiheadAttention` (in-projection, ``torch.ops.dilated.dilated_attention``,
-out-projection) sharing the original Parameters; :func:`export` converts a deep copy and runs
-``torch.export.export`` on it, so the program's attention calls are ``torch.ops.dilated`` nodes.
+out-projection) sharing the original Parameters; :func:`export` converts a deep copy, runs
+``torch.export.export`` on it and rewrites the SDPA nodes left (functional calls) with the ATen
+pass of :mod:`.fx_passes.export`, so the program's attention calls are ``torch.ops.dilated`` nodes.
 
 API layer: imports registrations and fx_passes (its report, selection and config checks).
 """
@@ -15,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fx_passes._emit import heads_problem
-from .fx_passes.backend import _target
-from .fx_passes.report import Entry, RewriteRefused, RewriteReport
+from .fx_passes.backend import make_target
+from .fx_passes.export import rewrite_graph
+from .fx_passes.report import Decider, Entry, RewriteRefused, RewriteReport
 from .registrations.dilated_attention import dilated_attention
 
 KIND = "nn.MultiheadAttention"
-SDPA_KIND = "scaled_dot_product_attention"
 
 
 class ConvertedMultiheadAttention(nn.Module):
@@ -111,7 +112,7 @@ class ConvertedMultiheadAttention(nn.Module):
                 f"mode={self.mode!r}, backend={self.backend!r}")
 
 
-def _problem(mha: nn.MultiheadAttention, target) -> Optional[str]:
+def mha_problem(mha: nn.MultiheadAttention, target) -> Optional[str]:
     if mha.bias_k is not None or mha.bias_v is not None:
         return "add_bias_kv=True is not supported"
     if mha.add_zero_attn:
@@ -142,7 +143,7 @@ def convert(
     shows (``need_weights=True``, ``key_padding_mask``, a mask not declared causal) raises
     ValueError at forward.
     """
-    target = _target(segment_lengths, dilation_rates, mode, implementation)
+    target = make_target(segment_lengths, dilation_rates, mode, implementation)
     report = RewriteReport()
     done = {}  # id(original) -> converted: a module shared by several paths stays shared
 
@@ -152,7 +153,7 @@ def convert(
         if select is not None and not select(name):
             report.skipped.append(Entry(KIND, "", name, "not chosen by select"))
             return mha
-        problem = _problem(mha, target)
+        problem = mha_problem(mha, target)
         if problem:
             entry = Entry(KIND, "", name, problem)
             report.refused.append(entry)
@@ -195,22 +196,17 @@ def export(
     Route: :func:`convert` on a deep copy of ``model`` (the model passed in is left as it is;
     the program holds copies of its weights), then ``torch.export.export(copy, args, kwargs,
     dynamic_shapes=..., **export_kwargs)``. The conversion report is the program's attribute
-    ``dilated_ops_report`` (in-process only; not saved). Functional
-    ``F.scaled_dot_product_attention`` calls are not rewritten by this route: they are listed in
-    the report as refused (``strict=True`` raises); use ``torch.compile`` with
-    :func:`dilated_ops.backend` for those.
+    ``dilated_ops_report`` (in-process only; not saved). The ``aten.scaled_dot_product_attention``
+    nodes left in the program (functional ``F.scaled_dot_product_attention`` calls) are then
+    rewritten by :func:`dilated_ops.rewrite_exported`'s pass, in the same report (entries of
+    kind "scaled_dot_product_attention"; refused ones stay SDPA, ``strict=True`` raises).
+    ``select`` is asked in both steps: with MHA module paths, then with the paths of the modules
+    whose code calls SDPA (a module it declined to convert is asked again for its SDPA node).
     """
     converted, report = convert(copy.deepcopy(model), segment_lengths, dilation_rates, mode,
                                 implementation, select, strict)
     ep = torch.export.export(converted, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, **export_kwargs)
-    for node in ep.graph.nodes:
-        if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
-            stack = node.meta.get("nn_module_stack") or {}
-            path = list(stack.values())[-1][0] if stack else ""
-            entry = Entry(SDPA_KIND, node.name, path,
-                          "functional SDPA calls are not rewritten by dilated_ops.export")
-            report.refused.append(entry)
-            if strict:
-                raise RewriteRefused(f"dilated_ops: left {entry}")
+    target = make_target(segment_lengths, dilation_rates, mode, implementation)
+    rewrite_graph(ep.graph_module, target, Decider(report, select, strict))
     ep.dilated_ops_report = report
     return ep

@@ -1,10 +1,10 @@
-"""Imports flow one way: API (config, factory, modules, long_net, memory, convert) -> registrations ->
+"""Imports flow one way: API (config, factory, modules, long_net, memory, module_swap, symbolic) -> registrations ->
 kernels, and fx_passes -> registrations; the reference is imported by tests only; the alias package imports dilated_ops only."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-API = {"config", "factory", "modules", "long_net", "memory", "module_swap"}
+API = {"config", "factory", "modules", "long_net", "memory", "module_swap", "symbolic"}
 
 
 def imported(path: Path):

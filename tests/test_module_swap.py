@@ -213,12 +213,17 @@ dilated.dilated_attention.default""")
             with torch.no_grad():
                 torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-10, atol=1e-10)
 
-    def test_functional_sdpa_is_reported_left(self):
+    def test_functional_sdpa_is_rewritten_too(self):
+        # After module swapping, export runs the ATen pass (dilated_ops.rewrite_exported) on the
+        # SDPA nodes left: functional calls are rewritten; refused ones stay, strict raises.
         class Sdpa(nn.Module):
-            def forward(self, q):
-                return F.scaled_dot_product_attention(q, q, q)
+            def forward(self, q, mask=None):
+                return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
 
-        ep = dilated_ops.export(Sdpa(), (x64(1, 2, N, 4),), segment_lengths=[N], dilation_rates=[1])
-        self.assertEqual([e.kind for e in ep.dilated_ops_report.refused], ["scaled_dot_product_attention"])
-        with self.assertRaises(RewriteRefused):
-            dilated_ops.export(Sdpa(), (x64(1, 2, N, 4),), segment_lengths=[N], dilation_rates=[1], strict=True)
+        q = x64(1, 2, N, 4)
+        ep = dilated_ops.export(Sdpa(), (q,), segment_lengths=[N], dilation_rates=[1])
+        self.assertEqual([e.kind for e in ep.dilated_ops_report.rewritten], ["scaled_dot_product_attention"])
+        self.assertEqual(sum(n.target == OP for n in ep.graph.nodes), 1)
+        torch.testing.assert_close(ep.module()(q), F.scaled_dot_product_attention(q, q, q), rtol=1e-10, atol=1e-10)
+        with self.assertRaisesRegex(RewriteRefused, "float attn_mask"):
+            dilated_ops.export(Sdpa(), (q, x64(N, N)), segment_lengths=[N], dilation_rates=[1], strict=True)

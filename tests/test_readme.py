@@ -28,7 +28,7 @@ def test_compile_section_runs():
     import torch
 
     text = README.read_text()
-    start = text.index("## Use with torch.compile (graph rewriting)")
+    start = text.index("## Use with torch.compile and torch.export (graph rewriting)")
     end = text.index("\n## ", start + 1)
     blocks = re.findall(r"^```python\n(.*?)^```", text[start:end], re.M | re.S)
     assert blocks
@@ -42,4 +42,7 @@ def test_compile_section_runs():
         torch._dynamo.reset()
     assert "rewritten 2" in out.getvalue() and "layers.1.self_attn" in out.getvalue()
     assert "rewritten 2, refused 0, skipped 0" in out.getvalue()
-    assert out.getvalue().split()[-1] == "2"  # two dilated nodes in the exported program
+    lines = out.getvalue().splitlines()
+    assert "2" in lines  # two dilated nodes in the exported program
+    assert "rewritten 1, refused 0, skipped 0" in lines  # rewrite_exported
+    assert lines[-1] == "ConvertedMultiheadAttention"  # rewrite_symbolic

@@ -8,6 +8,7 @@ from typing import Tuple
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from ..registrations import dilated_attention as _registrations  # noqa: F401 (registers the op)
 
@@ -32,6 +33,13 @@ def emit_dilated(graph: torch.fx.Graph, target: Target, q, k, v, is_causal: bool
          bool(is_causal), scale, float(dropout_p), seed, target.backend),
     )
     return graph.call_function(operator.getitem, (pair, 0))
+
+
+def emit_packed_in_proj(graph: torch.fx.Graph, x, weight, bias):
+    """``F.linear(x, weight, bias).chunk(3, dim=-1)``: the q, k, v projections (embed last)."""
+    qkv = graph.call_function(F.linear, (x, weight, bias))
+    chunks = graph.call_function(torch.chunk, (qkv, 3), {"dim": -1})
+    return [graph.call_function(operator.getitem, (chunks, i)) for i in range(3)]
 
 
 def heads_problem(target: Target, num_heads: int):

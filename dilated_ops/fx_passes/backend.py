@@ -10,7 +10,8 @@ import torch
 import torch.fx
 
 from ._emit import Target
-from .mha import report_fast_path, rewrite_mha
+from .encoder_fastpath import rewrite_fast_path
+from .mha import rewrite_mha
 from .report import Decider, RewriteReport, op_backend
 from .sdpa import rewrite_sdpa
 from .. import _checks
@@ -26,18 +27,20 @@ def rewrite(
     strict: bool = False,
 ) -> RewriteReport:
     """Rewrites ``gm`` (a Dynamo graph) in place; returns what it did."""
-    target = _target(segment_lengths, dilation_rates, mode, implementation)
+    target = make_target(segment_lengths, dilation_rates, mode, implementation)
     report = RewriteReport()
     decider = Decider(report, select, strict)
-    changed = rewrite_mha(gm, target, decider) + rewrite_sdpa(gm, target, decider)
-    report_fast_path(gm, decider)
+    changed = (rewrite_mha(gm, target, decider) + rewrite_sdpa(gm, target, decider)
+               + rewrite_fast_path(gm, target, decider))
     if changed:
         gm.graph.lint()
         gm.recompile()
     return report
 
 
-def _target(segment_lengths, dilation_rates, mode, implementation) -> Target:
+def make_target(segment_lengths, dilation_rates, mode="groups", implementation="auto") -> Target:
+    """The checked config every pass (and ``dilated_ops.convert``) rewrites to; ValueError /
+    TypeError name the bad argument."""
     segment_lengths = _checks.check_int_list("segment_lengths", list(segment_lengths))
     dilation_rates = _checks.check_int_list("dilation_rates", list(dilation_rates))
     _checks.check_segments(segment_lengths, dilation_rates)
@@ -51,7 +54,7 @@ class DilatedBackend:
 
     def __init__(self, segment_lengths, dilation_rates, mode="groups", implementation="auto",
                  inner: Union[str, Callable] = "inductor", select=None, strict=False):
-        self.target = _target(segment_lengths, dilation_rates, mode, implementation)
+        self.target = make_target(segment_lengths, dilation_rates, mode, implementation)
         self.config = dict(segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates),
                            mode=mode, implementation=implementation)
         self.inner = inner

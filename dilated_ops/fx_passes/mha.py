@@ -21,7 +21,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ._emit import Target, emit_dilated, heads_problem
+from ._emit import Target, emit_dilated, emit_packed_in_proj, heads_problem
 from .report import Decider, example_shape
 
 KIND = "multi_head_attention_forward"
@@ -75,9 +75,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, a: dict, target: Target
             proj = [graph.call_function(F.linear, (x, a[w], bias))
                     for w, bias in (("q_proj_weight", bq), ("k_proj_weight", bk), ("v_proj_weight", bv))]
         else:
-            qkv = graph.call_function(F.linear, (x, a["in_proj_weight"], a["in_proj_bias"]))
-            chunks = graph.call_function(torch.chunk, (qkv, 3), {"dim": -1})
-            proj = [graph.call_function(operator.getitem, (chunks, i)) for i in range(3)]
+            proj = emit_packed_in_proj(graph, x, a["in_proj_weight"], a["in_proj_bias"])
         # (seq, batch, embed) -> (batch, seq, heads, head_dim)
         q, k, v = (graph.call_function(torch.transpose, (
             graph.call_function(torch.unflatten, (p, -1, (h, d))), 0, 1)) for p in proj)
@@ -115,17 +113,3 @@ def rewrite_mha(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> i
         count += 1
     return count
 
-
-FAST_PATH = "_transformer_encoder_layer_fwd"
-
-
-def report_fast_path(gm: torch.fx.GraphModule, decider: Decider) -> None:
-    """``nn.TransformerEncoderLayer``'s fused eval fast path (eval + no_grad) is one
-    ``torch._transformer_encoder_layer_fwd`` node; this slice does not expand it: reported
-    as refused (strict mode raises)."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is torch._transformer_encoder_layer_fwd:
-            if decider.selected(FAST_PATH, node):
-                decider.refuse(FAST_PATH, node, (
-                    "nn.TransformerEncoderLayer's fused eval fast path is not rewritten yet; "
-                    "run with gradients enabled or in train mode to get the rewritable path"))

@@ -23,7 +23,7 @@ _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": N
 _TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-def _bind(node: torch.fx.Node) -> dict:
+def bind_sdpa(node: torch.fx.Node) -> dict:
     if len(node.args) > len(_NAMES):
         raise TypeError(f"{len(node.args)} positional arguments")
     a = dict(_DEFAULTS)
@@ -38,9 +38,18 @@ def _bind(node: torch.fx.Node) -> dict:
     return a
 
 
-def _problem(a: dict, target: Target) -> Optional[str]:
+def mask_problem(mask) -> str:
+    """Why an ``attn_mask`` is refused (every mask is: the tensor's values are unknown here)."""
+    value = mask.meta.get("example_value", mask.meta.get("val")) if isinstance(mask, torch.fx.Node) else mask
+    if getattr(value, "dtype", None) == torch.bool:
+        return ("a boolean attn_mask is not supported by dilated attention (only causal masking, "
+                "declared with is_causal=True)")
+    return "a float attn_mask (an additive bias) is not supported by dilated attention (use is_causal=True)"
+
+
+def sdpa_problem(a: dict, target: Target) -> Optional[str]:
     if a["attn_mask"] is not None:
-        return "attn_mask is not supported by dilated attention (use is_causal=True)"
+        return mask_problem(a["attn_mask"])
     if a["enable_gqa"]:
         return "enable_gqa=True is not supported"
     if not all(isinstance(a[n], (int, float)) for n in ("dropout_p",)) or not isinstance(a["is_causal"], bool):
@@ -66,11 +75,11 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> 
         if not decider.selected(KIND, node):
             continue
         try:
-            a = _bind(node)
+            a = bind_sdpa(node)
         except TypeError as err:
             decider.refuse(KIND, node, f"arguments do not bind: {err}")
             continue
-        problem = _problem(a, target)
+        problem = sdpa_problem(a, target)
         if problem:
             decider.refuse(KIND, node, problem)
             continue

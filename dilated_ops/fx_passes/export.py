@@ -1,0 +1,117 @@
+"""ATen-level pass over ``torch.export`` programs: each ``aten.scaled_dot_product_attention``
+node on ``(batch, heads, seq, head_dim)`` becomes ``torch.ops.dilated.dilated_attention`` between
+``aten.transpose`` nodes (bhnd <-> bnhd). What ``torch.export.export`` produces (the training /
+pre-dispatch IR, default since torch 2.6) keeps SDPA as one node, both for functional
+``F.scaled_dot_product_attention`` calls and for ``nn.MultiheadAttention``, whose forward
+reaches it through ``F.multi_head_attention_forward``; after ``run_decompositions()`` SDPA is
+decomposed and nothing is found (rewrite first, decompose after).
+
+Route: the graph of a deep copy of the program is edited in place; every inserted node gets
+``meta["val"]`` (computed under the program's own fake mode, so symbolic sizes of dynamic
+shapes carry through), the SDPA node's ``nn_module_stack`` and ``stack_trace``. The graph
+signature, state dict and range constraints are unchanged (no inputs or outputs are added),
+so ``torch.export.save``/``load`` and ``ep.module()`` work as before. (Re-exporting
+``ep.module()`` was the alternative; it needs example inputs and the dynamic-shape specs again.)
+
+Refused as in :mod:`.sdpa` (masks, ``enable_gqa``, q/k/v of different shapes: cross-attention
+with another key length, GQA) plus ``dropout_p > 0`` (export in eval mode: a dropout seed
+would be a random op in the program).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+from ._emit import Target, emit_dilated
+from .backend import make_target
+from .report import Decider, RewriteReport
+from .sdpa import KIND, bind_sdpa, sdpa_problem
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_TRANSPOSE = torch.ops.aten.transpose.int
+_COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def _fake_mode(node: torch.fx.Node):
+    val = node.meta.get("val")
+    return getattr(val, "fake_mode", None)
+
+
+def _fill_meta(graph: torch.fx.Graph, before: set, template: torch.fx.Node, fake_mode) -> None:
+    """``meta["val"]`` (and the SDPA node's module metadata) for the nodes not in ``before``."""
+    for node in graph.nodes:
+        if node in before:
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+        with fake_mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+        for key in _COPIED_META:
+            if key in template.meta:
+                node.meta[key] = template.meta[key]
+
+
+def rewrite_graph(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
+    """Rewrites the SDPA nodes of an exported program's graph module in place."""
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _SDPA:
+            continue
+        if not decider.selected(KIND, node):
+            continue
+        try:
+            a = bind_sdpa(node)
+        except TypeError as err:
+            decider.refuse(KIND, node, f"arguments do not bind: {err}")
+            continue
+        problem = sdpa_problem(a, target)
+        if problem is None and a["dropout_p"] != 0.0:
+            problem = f"dropout_p={a['dropout_p']} in an exported program (export in eval mode)"
+        fake_mode = _fake_mode(node)
+        if problem is None and fake_mode is None:
+            problem = "no fake-tensor metadata (meta['val']) on the node"
+        if problem:
+            decider.refuse(KIND, node, problem)
+            continue
+        before = set(graph.nodes)
+        with graph.inserting_before(node):
+            q, k, v = (graph.call_function(_TRANSPOSE, (a[n], 1, 2)) for n in ("query", "key", "value"))
+            out = emit_dilated(graph, target, q, k, v, a["is_causal"], 0.0, a["scale"])
+            out = graph.call_function(_TRANSPOSE, (out, 1, 2))
+        _fill_meta(graph, before, node, fake_mode)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        decider.done(KIND, node)
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def rewrite_exported(
+    ep: "torch.export.ExportedProgram",
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str = "groups",
+    implementation: str = "auto",
+    select: Optional[Callable[[str], bool]] = None,
+    strict: bool = False,
+) -> Tuple["torch.export.ExportedProgram", RewriteReport]:
+    """A copy of ``ep`` whose ``aten.scaled_dot_product_attention`` nodes are
+    ``torch.ops.dilated.dilated_attention`` nodes, and the :class:`RewriteReport`.
+
+    ``ep`` is left as it is. ``select(module_path)`` sees the path of the module that made the
+    call (from ``nn_module_stack``: ``"blocks.0.attn"``, ``""`` for the top module);
+    ``strict=True`` raises :class:`RewriteRefused` on a call it cannot rewrite. Other arguments
+    as in :func:`dilated_ops.backend`.
+    """
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise TypeError(f"ep must be a torch.export.ExportedProgram: got {type(ep).__name__}")
+    target = make_target(segment_lengths, dilation_rates, mode, implementation)
+    report = RewriteReport()
+    new = copy.deepcopy(ep)
+    rewrite_graph(new.graph_module, target, Decider(report, select, strict))
+    return new, report

@@ -1,0 +1,38 @@
+"""Small models shared by the graph-rewriting tests (not a test module)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D64 = torch.float64
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, e=8, h=2):
+        super().__init__()
+        self.h = h
+        self.ln = nn.LayerNorm(e, dtype=D64)
+        self.qkv = nn.Linear(e, 3 * e, dtype=D64)
+        self.proj = nn.Linear(e, e, dtype=D64)
+        self.mlp = nn.Sequential(nn.Linear(e, 2 * e, dtype=D64), nn.GELU(), nn.Linear(2 * e, e, dtype=D64))
+
+    def forward(self, x):  # (batch, seq, embed)
+        b, n, e = x.shape
+        q, k, v = self.qkv(self.ln(x)).split(e, dim=-1)
+        q, k, v = (t.view(b, n, self.h, e // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, n, e))
+        return x + self.mlp(x)
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=11, e=8, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, e, dtype=D64)
+        self.blocks = nn.ModuleList(GPTBlock(e) for _ in range(layers))
+        self.head = nn.Linear(e, vocab, dtype=D64)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
