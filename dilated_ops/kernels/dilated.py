@@ -44,6 +44,13 @@ def _triton_forward(q: torch.Tensor, dropout_p: float, scale: float):
     return triton_forward if triton_forward.supported(q, dropout_p, scale) else None
 
 
+def empty_output(q: torch.Tensor) -> torch.Tensor:
+    """The op's ``out`` buffer: q's shape and memory order, as SDPA's output follows its query
+    (graphs rewritten from SDPA may ``view`` the result assuming that order). Shared with the
+    fake kernel so that both report the same strides."""
+    return torch.empty_like(_dense_last(q))
+
+
 def _pieces(call, *tensors):
     return zip(*(segment_views(t, call) for t in tensors))
 
@@ -75,7 +82,7 @@ def dilated_attention_forward(
         # One contiguous fill: filling only the unselected positions through strided views
         # measured 0.4 ms slower at n = 256K on the H100, and with a Triton kernel that writes
         # only those rows, no faster (2.48 vs 2.43 ms).
-        out = q.new_zeros(b, n, h, d)
+        out = empty_output(q).zero_()
         lse = q.new_full((b, n, h), float("-inf"), dtype=lse_dtype)
         triton_fwd = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
         for ci, call in enumerate(calls):
@@ -91,7 +98,7 @@ def dilated_attention_forward(
         return out, lse
 
     # longnet: every branch's output and lse first, then the softmax-weighted sum.
-    out = q.new_zeros(b, n, h, d)
+    out = empty_output(q).zero_()
     branch_lse = q.new_full((num_branches, b, n, h), float("-inf"), dtype=lse_dtype)
     results = []
     for ci, call in enumerate(calls):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..kernels import attention as _attention
-from ..kernels.dilated import dilated_attention_backward, dilated_attention_forward
+from ..kernels.dilated import dilated_attention_backward, dilated_attention_forward, empty_output
 
 
 def _seed(dropout_p: float, dropout_seed: Optional[Tensor]) -> int:
@@ -55,7 +55,7 @@ def _(q, k, v, segment_lengths, dilation_rates, mode="groups", is_causal=False, 
       dropout_p=0.0, dropout_seed=None, backend="auto"):
     _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend)
     b, n, h, d = q.shape
-    out = q.new_empty(b, n, h, d)
+    out = empty_output(q)
     lse = q.new_empty(b, n, h, dtype=_attention.lse_dtype(q.dtype))
     return out, lse
 
