@@ -129,6 +129,19 @@ def test_opcheck(shape, segs, rates, mode, causal, dtype):
     torch.library.opcheck(dilated_attention_op, (q, k, v, segs, rates, mode, causal, None, 0.0, None))
 
 
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_output_follows_q_memory_order_and_opcheck(mode):
+    # q as a (batch, seq, heads, head_dim) view of (seq, batch, heads, head_dim) memory, as in
+    # nn.MultiheadAttention(batch_first=False): out has the same memory order (as SDPA's does),
+    # the fake kernel agrees (opcheck), and the values match the reference.
+    q, k, v = (rand(21, 3, 5, 8).transpose(0, 1) for _ in range(3))
+    out, _ = dilated_attention_op(q, k, v, [4, 8], [1, 2], mode, False, None, 0.0, None)
+    assert out.stride() == torch.empty_like(q).stride() == q.stride()
+    ref = dilated_attention_reference(q.double(), k.double(), v.double(), [4, 8], [1, 2], mode)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(dilated_attention_op, (q, k, v, [4, 8], [1, 2], mode, False, None, 0.0, None))
+
+
 def test_opcheck_backward_op():
     q, k, v, g = (rand(2, 16, 3, 8) for _ in range(4))
     out, lse = dilated_attention_op(q, k, v, [4, 8], [1, 2], "longnet", True, None, 0.0, None)
