@@ -28,8 +28,8 @@ class Progress:
         return (f"{self.desc} |{bar}| {self.n}/{self.total} "
                 f"[{_fmt_time(elapsed)}<{_fmt_time(eta)}]" + (f" {self.postfix}" if self.postfix else ""))
 
-    def update(self, n: int = 1, **postfix) -> None:
-        self.n = min(self.n + n, self.total)
+    def update(self, steps: int = 1, /, **postfix) -> None:
+        self.n = min(self.n + steps, self.total)
         if postfix:
             self.postfix = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in postfix.items())

@@ -125,7 +125,7 @@ def run(args, out=None) -> dict:
                              f"{float(fb['useful_tflops']):>11.3f} {fb['peak_mib'] or '-':>9}")
             else:
                 lines.append(f"  {n:>8}  {impl:<17} {fwd['note']}")
-            bar.update(1, n=n, impl=impl)
+            bar.update(1, seq_len=n, impl=impl)
             if torch.device(args.device).type == "cuda":
                 torch.cuda.empty_cache()
     with open(csv_path, "w", newline="") as f:
