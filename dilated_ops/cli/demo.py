@@ -278,7 +278,7 @@ def run(args, out=None) -> dict:
     rows.append(("chance", "-", "-", f"{torch.log(torch.tensor(float(NUM_KEYS))).item():.3f}", f"{1 / NUM_KEYS:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for j, row in enumerate(rows):
-        say("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        say(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths))).rstrip())
         if j == 0:
             say("  " + "  ".join("-" * w for w in widths))
     tol = 1e-3 if device == "cpu" else 5e-2
