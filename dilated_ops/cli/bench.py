@@ -84,9 +84,9 @@ def _rows_for(n, impl, args, dtype, meta) -> List[Dict]:
     peak_mib = "" if peak is None else f"{peak * 1024:.1f}"
     note = "" if peak is not None else "peak memory: CUDA only"
     return [
-        dict(base, **{"pass": "fwd", "median_ms": f"{f:.4f}", "useful_tflops": f"{flops / f / 1e9:.4f}",
+        dict(base, **{"pass": "fwd", "median_ms": f"{f:.5g}", "useful_tflops": f"{flops / f / 1e9:.4g}",
                       "peak_mib": peak_mib, "note": note}),
-        dict(base, **{"pass": "fwd+bwd", "median_ms": f"{fb:.4f}", "useful_tflops": f"{3.5 * flops / fb / 1e9:.4f}",
+        dict(base, **{"pass": "fwd+bwd", "median_ms": f"{fb:.5g}", "useful_tflops": f"{3.5 * flops / fb / 1e9:.4g}",
                       "peak_mib": peak_mib, "note": note}),
     ]
 
