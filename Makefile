@@ -1,5 +1,6 @@
 # Two commands on a fresh machine with Python 3.11 and make:
-#   make demo   runs the op forward+backward, compiles it and exports it
+#   make demo   runs `python -m dilated_ops`: converts a stock transformer to dilated attention,
+#               trains it, exports it, reloads the .pt2 (about a minute on 2 CPU cores)
 #   make test   runs the test suite
 # Each creates .venv and installs what it needs. torch is pinned to the CPU build that
 # installs from local disk here; override with `make TORCH_SPEC="torch==2.11.0" test`.

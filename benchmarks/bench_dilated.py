@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -21,62 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
 
 import dilated_ops  # noqa: E402
-from dilated_ops.kernels.segments import head_groups  # noqa: E402
-
-
-def set_triton(enabled: bool) -> None:
-    try:
-        from dilated_ops.kernels import triton_forward
-    except ImportError:
-        return
-    triton_forward.ENABLED = enabled
-
-
-def useful_flops(n, h, d, segs, rates, mode, is_causal):
-    heads = [hi - lo for lo, hi in head_groups(h, len(segs))] if mode == "groups" else [h] * len(segs)
-    fwd = sum(4 * hh * n * (w / r**2) * d for hh, w, r in zip(heads, segs, rates))
-    return fwd / (2 if is_causal else 1)
-
-
-def time_ms(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def measure(make_out, params, warmup, reps):
-    """(forward ms, forward+backward ms, peak GiB) of ``make_out()`` -> list of outputs."""
-    def fwd():
-        with torch.no_grad():
-            make_out()
-
-    grads = None
-
-    def fwd_bwd():
-        outs = make_out()
-        nonlocal grads
-        if grads is None:
-            grads = [torch.randn_like(o) for o in outs]
-        torch.autograd.backward(outs, grads)
-        for p in params:
-            p.grad = None
-
-    f = time_ms(fwd, warmup, reps)
-    fb = time_ms(fwd_bwd, warmup, reps)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    return f, fb, torch.cuda.max_memory_allocated() / 2**30
+from dilated_ops._bench import measure, set_triton, useful_flops  # noqa: E402  (shared with `dilated-ops bench`)
 
 
 def profile(n, b, h, d, segs, rates, dtype, causal):

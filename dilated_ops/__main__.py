@@ -1,3 +1,5 @@
-from ._demo import main
+"""``python -m dilated_ops [demo|bench|inspect|plot] ...``: see :mod:`dilated_ops.cli`. With no
+subcommand it runs the demo."""
+from .cli import main
 
-main()
+raise SystemExit(main())

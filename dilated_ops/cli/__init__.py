@@ -1,0 +1,222 @@
+"""``dilated-ops`` / ``python -m dilated_ops``: the command-line tool.
+
+Subcommands: ``demo`` (the default: convert a stock transformer through the compile backend,
+train it on a long-range task, export, reload, check), ``bench`` (time dense SDPA and the
+dilated op over sequence lengths; CSV + PNG), ``inspect`` (draw the attention pattern of a
+config, with its density and FLOPs) and ``plot`` (the bench PNG from a bench CSV).
+
+Bad arguments exit with code 2 and a message naming the argument, no traceback: argparse's own
+errors, and the package's validation messages (:mod:`dilated_ops._checks`) raised before any
+work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def int_list(text: str) -> List[int]:
+    """``"16,64,256"`` -> ``[16, 64, 256]`` (also space-separated)."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, e.g. 16,64,256: got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer: got {text!r}")
+    return values
+
+
+def str_list(text: str) -> List[str]:
+    return [p for p in text.replace(",", " ").split() if p]
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dilated-ops", formatter_class=_Formatter,
+        description="LongNet dilated attention as PyTorch custom ops: demo, bench, inspect. "
+                    "With no subcommand, runs `demo` with its defaults.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"dilated-ops {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,inspect,plot}")
+
+    demo = sub.add_parser(
+        "demo", formatter_class=_Formatter,
+        help="convert a stock nn.TransformerEncoder to dilated attention, train, export, reload",
+        description="Builds a stock nn.TransformerEncoder (nn.MultiheadAttention), compiles it with "
+                    "dilated_ops.backend (which rewrites its attention calls into the dilated op), "
+                    "trains it to retrieve a key placed at least seq_len/2 tokens before the query "
+                    "(a local-attention baseline cannot), exports it with dilated_ops.export, saves "
+                    "the .pt2, reloads it in a fresh process and checks its outputs. The defaults take "
+                    "about a minute on a laptop CPU; `--device cuda --seq-len 65536` scales up.")
+    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    demo.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (>= 64)")
+    demo.add_argument("--segment-lengths", type=int_list, default=None,
+                      help="dilated model's segment lengths (default: 16,64,SEQ_LEN)")
+    demo.add_argument("--dilation-rates", type=int_list, default=None,
+                      help="dilated model's dilation rates (default: 1,4,16)")
+    demo.add_argument("--mode", choices=("groups", "longnet"), default="groups")
+    demo.add_argument("--implementation", choices=("auto", "standard", "improved"), default="auto")
+    demo.add_argument("--steps", type=int, default=300, help="training steps")
+    demo.add_argument("--baseline-steps", type=int, default=None,
+                      help="training steps of the local-only baseline (default: --steps; 0 skips it)")
+    demo.add_argument("--batch", type=int, default=32)
+    demo.add_argument("--lr", type=float, default=1e-2)
+    demo.add_argument("--layers", type=int, default=2)
+    demo.add_argument("--d-model", type=int, default=64)
+    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--key-len", type=int, default=16, help="how many times the key is repeated")
+    demo.add_argument("--eval-size", type=int, default=512, help="held-out sequences for the accuracy")
+    demo.add_argument("--inner", default=None,
+                      help="compile backend for the rewritten graph (default: aot_eager on CPU, "
+                           "inductor on CUDA)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default=None,
+                      help="directory for demo_model.pt2 and demo_inputs.pt (default: a temporary "
+                           "directory, removed at the end)")
+
+    bench = sub.add_parser(
+        "bench", formatter_class=_Formatter,
+        help="time dense SDPA and the dilated op over sequence lengths; CSV + PNG",
+        description="Times dense SDPA, the dilated op (implementation 'improved' = op backend "
+                    "'auto', 'standard' = op backend 'sdpa') and block-sparse (not built yet: listed, "
+                    "not timed) over sequence lengths, forward and forward+backward. CUDA: median of "
+                    "CUDA-event timings after warm-up and peak allocated memory; CPU: median of "
+                    "time.perf_counter timings, no peak memory. Writes OUT_DIR/bench.csv and "
+                    "OUT_DIR/bench.png (matplotlib; without it, only the CSV: draw the PNG later with "
+                    "`dilated-ops plot OUT_DIR/bench.csv`).")
+    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    bench.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="default: bfloat16 on CUDA, float32 on CPU")
+    bench.add_argument("--seq-lens", type=int_list, default=None,
+                       help="default: 4096,16384,65536,262144 on CUDA, 1024,2048,4096 on CPU")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--heads", type=int, default=12)
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--segment-lengths", type=int_list, default=None,
+                       help="default: 2048,4096,8192 on CUDA, 256,512,1024 on CPU")
+    bench.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4])
+    bench.add_argument("--mode", choices=("groups", "longnet"), default="groups")
+    bench.add_argument("--causal", action="store_true")
+    bench.add_argument("--impls", type=str_list, default=list(_bench_impls()),
+                       help="comma-separated, among: " + ", ".join(_bench_impls()))
+    bench.add_argument("--dense-max", type=int, default=65536, help="largest seq_len timed with dense SDPA")
+    bench.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 20 CUDA, 5 CPU")
+    bench.add_argument("--warmup", type=int, default=None, help="default 5 CUDA, 1 CPU")
+    bench.add_argument("--out-dir", default="bench_out", help="where bench.csv and bench.png go")
+
+    insp = sub.add_parser(
+        "inspect", formatter_class=_Formatter,
+        help="draw which keys each query sees, with density and FLOPs vs dense",
+        description="Prints the attention pattern of a dilated config as an ASCII grid (rows: "
+                    "queries, columns: keys; one grid per distinct head pattern, then their union), "
+                    "its density and its attention FLOPs against dense attention. Derived from the "
+                    "package's own segment math. Sequences longer than --max-cells are drawn in blocks.")
+    insp.add_argument("--seq-len", type=int, default=32)
+    insp.add_argument("--segment-lengths", type=int_list, default=[8, 16])
+    insp.add_argument("--dilation-rates", type=int_list, default=[1, 2])
+    insp.add_argument("--mode", choices=("groups", "longnet"), default="groups")
+    insp.add_argument("--heads", type=int, default=None, help="default: the number of branches")
+    insp.add_argument("--head-dim", type=int, default=64, help="for the FLOP count")
+    insp.add_argument("--causal", action="store_true")
+    insp.add_argument("--union-only", action="store_true", help="draw only the union over heads")
+    insp.add_argument("--max-cells", type=int, default=64, help="grid width in characters")
+
+    plot = sub.add_parser("plot", formatter_class=_Formatter,
+                          help="draw the bench PNG from a bench CSV (needs matplotlib)",
+                          description="Draws the two-panel bench plot from a CSV written by `dilated-ops bench`.")
+    plot.add_argument("csv", help="bench.csv")
+    plot.add_argument("--out", default=None, help="PNG path (default: the CSV's path with .png)")
+    return parser
+
+
+def _bench_impls():
+    return ("dense", "dilated-improved", "dilated-standard", "block-sparse")
+
+
+def _bench_defaults(args) -> None:
+    import torch
+
+    from .demo import resolve_device
+    args.device = resolve_device(args.device)
+    cuda = torch.device(args.device).type == "cuda"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if cuda else "float32"
+    if args.seq_lens is None:
+        args.seq_lens = [4096, 16384, 65536, 262144] if cuda else [1024, 2048, 4096]
+    if args.segment_lengths is None:
+        args.segment_lengths = [2048, 4096, 8192] if cuda else [256, 512, 1024]
+    if args.repeats is None:
+        args.repeats = 20 if cuda else 5
+    if args.warmup is None:
+        args.warmup = 5 if cuda else 1
+
+
+def _validate_inspect(args) -> None:
+    from .. import _checks
+    _checks.check_segments(args.segment_lengths, args.dilation_rates)
+    _checks.check_positive_int("seq_len", args.seq_len)
+    if args.seq_len > 4096:
+        raise ValueError(f"seq_len must be at most 4096 for inspect (it builds the full n x n pattern): "
+                         f"got {args.seq_len}")
+    if args.heads is None:
+        args.heads = len(args.segment_lengths)
+    _checks.check_positive_int("heads", args.heads)
+    _checks.check_positive_int("head_dim", args.head_dim)
+    _checks.check_positive_int("max_cells", args.max_cells)
+    if args.mode == "groups":
+        _checks.check_num_groups(args.heads, len(args.segment_lengths))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["demo"] + argv  # no subcommand: the demo (options go to it)
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # for sub.error(...)
+    try:  # validation, before any work: TypeError/ValueError are the user's arguments
+        if args.command == "demo":
+            from . import demo
+            demo.validate(args)
+        elif args.command == "bench":
+            from . import bench
+            _bench_defaults(args)
+            bench.validate(args)
+        elif args.command == "inspect":
+            _validate_inspect(args)
+    except (ValueError, TypeError) as e:
+        sub.error(str(e))  # the package's messages name the argument; exit 2 like argparse
+    try:
+        if args.command == "demo":
+            demo.run(args)
+        elif args.command == "bench":
+            bench.run(args)
+        elif args.command == "inspect":
+            from .pattern import describe
+            print(describe(args.seq_len, args.heads, args.head_dim, args.segment_lengths, args.dilation_rates,
+                           args.mode, args.causal, args.max_cells, per_head=not args.union_only))
+        elif args.command == "plot":
+            from . import bench
+            out = args.out or (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + ".png"
+            try:
+                bench.plot(args.csv, out)
+            except ImportError:
+                sub.exit(1, "dilated-ops plot: error: matplotlib is not installed "
+                            "(pip install 'dilated-ops[bench]' or pip install matplotlib)\n")
+            except FileNotFoundError as e:
+                sub.error(f"argument csv: {e}")
+            print(f"wrote {out}")
+    except ValueError as e:
+        sub.error(str(e))
+    except KeyboardInterrupt:
+        return 130
+    return 0
