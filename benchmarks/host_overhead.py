@@ -75,6 +75,28 @@ def main():
         prof.disable()
         torch.cuda.synchronize()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    # forward+backward at a short sequence: host-bound, so wall time per call is host time
+    qg, kg, vg = (t[:, :2048].clone().requires_grad_() for t in (q, k, v))
+    grad = torch.randn_like(qg)
+
+    def fwd_bwd():
+        dilated_ops.dilated_attention(qg, kg, vg, [512, 1024, 2048], rates).backward(grad)
+
+    for _ in range(10):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    print(f"fwd+bwd n=2048: {(time.perf_counter() - t0) / 50 * 1e6:.0f} us per call")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

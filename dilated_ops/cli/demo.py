@@ -140,8 +140,10 @@ import json, sys, torch
 import dilated_ops  # registers torch.ops.dilated before the program is loaded
 ep = torch.export.load(sys.argv[1])
 data = torch.load(sys.argv[2])
-with torch.no_grad():
-    logits = ep.module()(data["tokens"].to(sys.argv[3])).float().cpu()
+module, batch = ep.module(), int(sys.argv[4])
+with torch.no_grad():  # in chunks of the training batch: the whole held-out set can be GiBs at long seq_len
+    logits = torch.cat([module(data["tokens"][i:i + batch].to(sys.argv[3])).float().cpu()
+                        for i in range(0, len(data["tokens"]), batch)])
 nodes = sum(n.op == "call_function" and "dilated" in str(n.target) for n in ep.graph.nodes)
 print(json.dumps({
     "max_abs_diff": (logits - data["logits"]).abs().max().item(),
@@ -151,11 +153,11 @@ print(json.dumps({
 """
 
 
-def _reload_in_fresh_process(pt2: str, data: str, device: str) -> dict:
+def _reload_in_fresh_process(pt2: str, data: str, device: str, batch: int) -> dict:
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, pt2, data, device], env=env,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, pt2, data, device, str(batch)], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"reloading {pt2} in a fresh process failed:\n{proc.stderr[-3000:]}")
@@ -264,7 +266,9 @@ def run(args, out=None) -> dict:
 
     say("[4/4] reload in a fresh Python process (import dilated_ops; torch.export.load) on the held-out set")
     t0 = time.perf_counter()
-    reloaded = _reload_in_fresh_process(pt2, data, device)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the child process needs the GPU memory this one keeps cached
+    reloaded = _reload_in_fresh_process(pt2, data, device, args.batch)
     say(f"  reloaded program: {reloaded['dilated_nodes']} dilated nodes, accuracy {reloaded['accuracy']:.1%}, "
         f"max |logits - compiled model's logits| = {reloaded['max_abs_diff']:.2e} ({time.perf_counter() - t0:.1f} s)")
 
