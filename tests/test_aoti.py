@@ -36,6 +36,9 @@ def load_in_fresh_process(directory, imp):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.__version__ < (2, 13), reason=(
+    "torch 2.11 (seen on the GPU machine) segfaults in torch.export.pt2_archive._load_aoti when "
+    "loading a package with the Python custom op; runs on torch 2.13"))
 def test_aoti_package_runs_with_dilated_ops_imported_and_fails_without(tmp_path):
     x = torch.randn(2, 16, 8)
     ep = dilated_ops.export(SelfMHA().eval(), (x,), segment_lengths=[4, 8], dilation_rates=[1, 2])
