@@ -1,7 +1,9 @@
 """The ``torch.fx.symbolic_trace`` pass (issue 4): in a traced ``GraphModule``, each
 ``call_module`` node whose module is an ``nn.MultiheadAttention`` (a leaf of symbolic tracing)
 becomes a call of a :class:`~dilated_ops.module_swap.ConvertedMultiheadAttention` sharing its
-Parameters, when the call's own arguments allow it.
+Parameters, when the call's own arguments allow it; and, given example inputs (for the shapes
+the checks need), ``F.scaled_dot_product_attention`` calls become the dilated op as in the
+compile backend (:mod:`.fx_passes.sdpa`).
 
 API layer, next to :mod:`.module_swap` whose module and refusals it reuses (fx_passes may not
 import the API layer, and the swap needs the module): the converted module takes the
@@ -17,7 +19,8 @@ import torch.fx
 from torch import nn
 
 from .fx_passes.backend import make_target
-from .fx_passes.report import Entry, RewriteRefused, RewriteReport
+from .fx_passes.report import Decider, Entry, RewriteRefused, RewriteReport
+from .fx_passes.sdpa import rewrite_sdpa
 from .module_swap import KIND, ConvertedMultiheadAttention, mha_problem
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -54,8 +57,15 @@ def rewrite_symbolic(
     implementation: str = "auto",
     select: Optional[Callable[[str], bool]] = None,
     strict: bool = False,
+    example_inputs: Optional[tuple] = None,
 ) -> Tuple[torch.fx.GraphModule, RewriteReport]:
     """Rewrites ``gm`` (from ``torch.fx.symbolic_trace``) **in place**; returns ``(gm, report)``.
+
+    ``F.scaled_dot_product_attention`` calls are rewritten when ``example_inputs`` (``gm``'s
+    positional inputs) are given: they are run once under fake tensors to learn q/k/v shapes
+    (nothing is computed); without them such calls are refused ("shapes unknown"). Their
+    refusals are the compile backend's (masks, GQA, q/k/v of different shapes, too few heads),
+    and ``select`` sees the module path of the SDPA call's module (``"blocks.0"``).
 
     A module is swapped when every call of it can be: refused (listed with the reason, the
     module and all its calls kept; ``strict=True`` raises :class:`RewriteRefused`) are
@@ -91,4 +101,12 @@ def rewrite_symbolic(
         parent, _, name = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, new)
         report.rewritten.extend(Entry(KIND, n.name, path) for n in nodes)
+    if example_inputs is not None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    if rewrite_sdpa(gm, target, Decider(report, select, strict)):
+        gm.graph.lint()
+        gm.recompile()
     return gm, report

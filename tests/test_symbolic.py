@@ -152,3 +152,46 @@ def test_transformer_encoder_layer_cannot_be_symbolically_traced():
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     with pytest.raises(RuntimeError, match=r"_none_or_dtype\(\) must be None or torch.Tensor"):
         torch.fx.symbolic_trace(layer)
+
+
+def test_functional_sdpa_with_example_inputs_dense_branch_equals_original():
+    # The GPT-style decoder (F.scaled_dot_product_attention(is_causal=True)) through
+    # symbolic_trace: with example_inputs its SDPA calls become the dilated op; one dense branch
+    # equals the original, outputs and parameter gradients (float64).
+    from models import GPT
+
+    model = GPT()
+    idx = torch.randint(0, 11, (2, N))
+    gm, report = dilated_ops.rewrite_symbolic(torch.fx.symbolic_trace(copy.deepcopy(model)), [N], [1],
+                                              example_inputs=(idx,))
+    assert [e.module_path for e in report.rewritten] == ["blocks.0", "blocks.1"] and not report.refused
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.dilated.dilated_attention.default) == 2
+    assert not any("scaled_dot_product" in str(t) for t in targets)
+    out, got = model(idx), gm(idx)
+    torch.testing.assert_close(got, out, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    out.backward(g)
+    got.backward(g)
+    mine = dict(gm.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_functional_sdpa_dilated_config_equals_compile_backend_and_needs_example_inputs():
+    from models import GPT
+
+    model = GPT()
+    idx = torch.randint(0, 11, (3, N))
+    gm, _ = dilated_ops.rewrite_symbolic(torch.fx.symbolic_trace(copy.deepcopy(model)), [4, 8], [1, 2],
+                                         example_inputs=(idx,))
+    compiled = torch.compile(copy.deepcopy(model), backend=dilated_ops.backend([4, 8], [1, 2], inner="eager"),
+                             fullgraph=True)
+    want = compiled(idx)
+    torch.testing.assert_close(gm(idx), want, rtol=1e-10, atol=1e-10)
+    assert (want - model(idx)).abs().max() > 1e-3  # the dilated pattern differs from dense causal
+    _, report = dilated_ops.rewrite_symbolic(torch.fx.symbolic_trace(copy.deepcopy(model)), [4, 8], [1, 2])
+    assert not report.rewritten and len(report.refused) == 2
+    assert all("pass example_inputs" in e.reason for e in report.refused)
+    with pytest.raises(RewriteRefused, match="pass example_inputs"):
+        dilated_ops.rewrite_symbolic(torch.fx.symbolic_trace(copy.deepcopy(model)), [4, 8], [1, 2], strict=True)

@@ -58,7 +58,7 @@ def sdpa_problem(a: dict, target: Target) -> Optional[str]:
         return f"scale {a['scale']!r} is not a Python float"
     shapes = [example_shape(a[n]) for n in ("query", "key", "value")]
     if any(s is None for s in shapes):
-        return "q/k/v shapes unknown (no example_value metadata)"
+        return "q/k/v shapes unknown (no shape metadata; for a symbolic_trace graph pass example_inputs)"
     # Compared as text: SymInt sizes (dynamic shapes) are unhashable, and comparing them here
     # would add guards after Dynamo has installed its own.
     if len(shapes[0]) != 4 or len({str(s) for s in shapes}) != 1:
