@@ -21,7 +21,7 @@ from torch import nn
 from .fx_passes.backend import make_target
 from .fx_passes.report import Decider, Entry, RewriteRefused, RewriteReport
 from .fx_passes.sdpa import rewrite_sdpa
-from .module_swap import KIND, ConvertedMultiheadAttention, mha_problem
+from .module_swap import KIND, ConvertedMultiheadAttention, convert, mha_problem
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -49,6 +49,29 @@ def _call_problem(node: torch.fx.Node) -> Optional[str]:
     return None
 
 
+def _convert_inside_leaves(gm, segment_lengths, dilation_rates, mode, implementation, select, strict,
+                           report: RewriteReport) -> None:
+    """Leaf modules of symbolic tracing (every ``torch.nn`` module, e.g. an
+    ``nn.TransformerEncoder`` inside a model) hide their ``nn.MultiheadAttention`` calls in one
+    ``call_module`` node: those MHAs are swapped by :func:`dilated_ops.convert`, whose calls the
+    leaf's own code makes (what only a call shows raises ValueError at forward)."""
+    done = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in done:
+            continue
+        leaf = gm.get_submodule(node.target)
+        if isinstance(leaf, nn.MultiheadAttention) or not any(
+                isinstance(m, nn.MultiheadAttention) for m in leaf.modules()):
+            continue
+        done.add(node.target)
+        prefix = node.target + "."
+        _, sub = convert(leaf, segment_lengths, dilation_rates, mode, implementation,
+                         select=None if select is None else (lambda name: select(prefix + name)), strict=strict)
+        for mine, theirs in ((report.rewritten, sub.rewritten), (report.refused, sub.refused),
+                             (report.skipped, sub.skipped)):
+            mine.extend(Entry(e.kind, node.name, prefix + e.module_path, e.reason) for e in theirs)
+
+
 def rewrite_symbolic(
     gm: torch.fx.GraphModule,
     segment_lengths: Sequence[int],
@@ -66,6 +89,11 @@ def rewrite_symbolic(
     (nothing is computed); without them such calls are refused ("shapes unknown"). Their
     refusals are the compile backend's (masks, GQA, q/k/v of different shapes, too few heads),
     and ``select`` sees the module path of the SDPA call's module (``"blocks.0"``).
+
+    ``nn.MultiheadAttention`` modules inside other leaf modules (``torch.fx`` does not trace into
+    ``torch.nn`` modules: a model's ``nn.TransformerEncoder`` is one ``call_module`` node) are
+    swapped as :func:`dilated_ops.convert` does, listed under their full path with the leaf's
+    node.
 
     A module is swapped when every call of it can be: refused (listed with the reason, the
     module and all its calls kept; ``strict=True`` raises :class:`RewriteRefused`) are
@@ -101,6 +129,7 @@ def rewrite_symbolic(
         parent, _, name = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, new)
         report.rewritten.extend(Entry(KIND, n.name, path) for n in nodes)
+    _convert_inside_leaves(gm, segment_lengths, dilation_rates, mode, implementation, select, strict, report)
     if example_inputs is not None:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp

@@ -195,3 +195,51 @@ def test_functional_sdpa_dilated_config_equals_compile_backend_and_needs_example
     assert all("pass example_inputs" in e.reason for e in report.refused)
     with pytest.raises(RewriteRefused, match="pass example_inputs"):
         dilated_ops.rewrite_symbolic(torch.fx.symbolic_trace(copy.deepcopy(model)), [4, 8], [1, 2], strict=True)
+
+
+class WithEncoder(nn.Module):
+    """An nn.TransformerEncoder inside a model: torch.fx keeps it as one call_module leaf."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=D64)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3, dtype=D64)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transformer_encoder_inside_a_leaf_dense_branch_equals_original(train):
+    model = WithEncoder().train(train)
+    gm, report = traced_and_rewritten(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["encoder", "head"]
+    assert [e.module_path for e in report.rewritten] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    assert all(isinstance(gm.get_submodule(f"encoder.layers.{i}.self_attn"), ConvertedMultiheadAttention) for i in (0, 1))
+    x = x64(2, N, 8)
+    if train:
+        out, got = model(x), gm(x)
+        torch.testing.assert_close(got, out, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(out)
+        out.backward(g)
+        got.backward(g)
+        mine = dict(gm.named_parameters())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_leaf_swaps_follow_select_and_dilated_config_differs_from_dense():
+    model = WithEncoder()
+    gm, report = traced_and_rewritten(model, select=lambda path: path.endswith("layers.1.self_attn"))
+    assert [e.module_path for e in report.rewritten] == ["encoder.layers.1.self_attn"]
+    assert [e.module_path for e in report.skipped] == ["encoder.layers.0.self_attn"]
+    assert type(gm.get_submodule("encoder.layers.0.self_attn")) is nn.MultiheadAttention
+    gm, _ = traced_and_rewritten(model, segs=(4, 8), rates=(1, 2))
+    converted, _ = dilated_ops.convert(copy.deepcopy(model), [4, 8], [1, 2])
+    x = x64(2, N, 8)
+    torch.testing.assert_close(gm(x), converted(x), rtol=1e-10, atol=1e-10)
+    assert (gm(x) - model(x)).abs().max() > 1e-3
