@@ -12,13 +12,13 @@ original's place under the same path, so the graph keeps its nodes and ``state_d
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.fx
 from torch import nn
 
 from .fx_passes.backend import make_target
+from .fx_passes.mha import weights_output_problem
 from .fx_passes.report import Decider, Entry, RewriteRefused, RewriteReport
 from .fx_passes.sdpa import rewrite_sdpa
 from .module_swap import KIND, ConvertedMultiheadAttention, convert, mha_problem
@@ -41,12 +41,7 @@ def _call_problem(node: torch.fx.Node) -> Optional[str]:
         return f"is_causal {a['is_causal']!r} is not a Python bool"
     if a["attn_mask"] is not None and not a["is_causal"]:
         return "attn_mask without is_causal=True (an arbitrary mask) is not supported"
-    for user in node.users:
-        if user.op != "call_function" or user.target is not operator.getitem or user.args[1] not in (0, 1):
-            return f"the call's result is used by {user.format_node()} (expected getitem 0)"
-        if user.args[1] == 1 and user.users:
-            return "the attention weights output is used"
-    return None
+    return weights_output_problem(node)
 
 
 def _convert_inside_leaves(gm, segment_lengths, dilation_rates, mode, implementation, select, strict,

@@ -25,10 +25,10 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from ._emit import Target, emit_dilated
+from ._emit import Target
 from .backend import make_target
 from .report import Decider, RewriteReport
-from .sdpa import KIND, bind_sdpa, sdpa_problem
+from .sdpa import KIND, emit_transposed, sdpa_calls
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _TRANSPOSE = torch.ops.aten.transpose.int
@@ -53,34 +53,22 @@ def _fill_meta(graph: torch.fx.Graph, before: set, template: torch.fx.Node, fake
                 node.meta[key] = template.meta[key]
 
 
+def _export_problem(node: torch.fx.Node, a: dict) -> Optional[str]:
+    if a["dropout_p"] != 0.0:
+        return f"dropout_p={a['dropout_p']} in an exported program (export in eval mode)"
+    if _fake_mode(node) is None:
+        return "no fake-tensor metadata (meta['val']) on the node"
+    return None
+
+
 def rewrite_graph(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
     """Rewrites the SDPA nodes of an exported program's graph module in place."""
     graph, count = gm.graph, 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not _SDPA:
-            continue
-        if not decider.selected(KIND, node):
-            continue
-        try:
-            a = bind_sdpa(node)
-        except TypeError as err:
-            decider.refuse(KIND, node, f"arguments do not bind: {err}")
-            continue
-        problem = sdpa_problem(a, target)
-        if problem is None and a["dropout_p"] != 0.0:
-            problem = f"dropout_p={a['dropout_p']} in an exported program (export in eval mode)"
-        fake_mode = _fake_mode(node)
-        if problem is None and fake_mode is None:
-            problem = "no fake-tensor metadata (meta['val']) on the node"
-        if problem:
-            decider.refuse(KIND, node, problem)
-            continue
+    for node, a in sdpa_calls(gm, (_SDPA,), target, decider, _export_problem):
         before = set(graph.nodes)
         with graph.inserting_before(node):
-            q, k, v = (graph.call_function(_TRANSPOSE, (a[n], 1, 2)) for n in ("query", "key", "value"))
-            out = emit_dilated(graph, target, q, k, v, a["is_causal"], 0.0, a["scale"])
-            out = graph.call_function(_TRANSPOSE, (out, 1, 2))
-        _fill_meta(graph, before, node, fake_mode)
+            out = emit_transposed(graph, target, a, 0.0, _TRANSPOSE)
+        _fill_meta(graph, before, node, _fake_mode(node))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         decider.done(KIND, node)

@@ -28,6 +28,17 @@ KIND = "multi_head_attention_forward"
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
+def weights_output_problem(node: torch.fx.Node) -> Optional[str]:
+    """Why an MHA call's ``(output, weights)`` result is used in a way the rewrite cannot keep:
+    anything but ``getitem 0`` (and an unused ``getitem 1``)."""
+    for user in node.users:
+        if user.op != "call_function" or user.target is not operator.getitem or user.args[1] not in (0, 1):
+            return f"the call's result is used by {user.format_node()} (expected getitem 0)"
+        if user.args[1] == 1 and user.users:
+            return "the attention weights output is used"
+    return None
+
+
 def _problem(a: dict, node: torch.fx.Node, target: Target) -> Optional[str]:
     if a["need_weights"]:
         return "need_weights=True (the dilated op returns no attention weights)"
@@ -52,12 +63,7 @@ def _problem(a: dict, node: torch.fx.Node, target: Target) -> Optional[str]:
     problem = heads_problem(target, h)
     if problem:
         return problem
-    for user in node.users:
-        if user.op != "call_function" or user.target is not operator.getitem or user.args[1] not in (0, 1):
-            return f"the call's result is used by {user.format_node()} (expected getitem 0)"
-        if user.args[1] == 1 and user.users:
-            return "the attention weights output is used"
-    return None
+    return weights_output_problem(node)
 
 
 def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, a: dict, target: Target) -> None:

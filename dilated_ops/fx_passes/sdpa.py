@@ -8,7 +8,7 @@ than dilation groups.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.fx
@@ -66,11 +66,14 @@ def sdpa_problem(a: dict, target: Target) -> Optional[str]:
     return heads_problem(target, shapes[0][1]) if isinstance(shapes[0][1], int) else None
 
 
-def rewrite_sdpa(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
-    count = 0
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _TARGETS:
+def sdpa_calls(gm: torch.fx.GraphModule, targets, target: Target, decider: Decider,
+               extra_problem: Callable[[torch.fx.Node, dict], Optional[str]] = lambda node, a: None
+               ) -> Iterator[Tuple[torch.fx.Node, dict]]:
+    """The SDPA nodes of ``gm`` (call_function of one of ``targets``) chosen by ``decider`` that
+    can be rewritten, with their bound arguments; the others are refused through ``decider``
+    (``extra_problem`` adds a pass's own checks)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in targets:
             continue
         if not decider.selected(KIND, node):
             continue
@@ -79,14 +82,27 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> 
         except TypeError as err:
             decider.refuse(KIND, node, f"arguments do not bind: {err}")
             continue
-        problem = sdpa_problem(a, target)
+        problem = sdpa_problem(a, target) or extra_problem(node, a)
         if problem:
             decider.refuse(KIND, node, problem)
             continue
+        yield node, a
+
+
+def emit_transposed(graph: torch.fx.Graph, target: Target, a: dict, dropout_p: float, transpose=torch.transpose):
+    """bhnd q, k, v -> bnhd -> dilated op -> bhnd; returns the output node (insert point set by
+    the caller)."""
+    q, k, v = (graph.call_function(transpose, (a[n], 1, 2)) for n in ("query", "key", "value"))
+    out = emit_dilated(graph, target, q, k, v, a["is_causal"], dropout_p, a["scale"])
+    return graph.call_function(transpose, (out, 1, 2))
+
+
+def rewrite_sdpa(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
+    count = 0
+    graph = gm.graph
+    for node, a in sdpa_calls(gm, _TARGETS, target, decider):
         with graph.inserting_before(node):
-            q, k, v = (graph.call_function(torch.transpose, (a[n], 1, 2)) for n in ("query", "key", "value"))
-            out = emit_dilated(graph, target, q, k, v, a["is_causal"], float(a["dropout_p"]), a["scale"])
-            out = graph.call_function(torch.transpose, (out, 1, 2))
+            out = emit_transposed(graph, target, a, float(a["dropout_p"]))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         decider.done(KIND, node)
