@@ -36,7 +36,12 @@ def str_list(text: str) -> List[str]:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        # Flags whose help already states their default (or that default to None: computed
+        # from other flags) get no second "(default: ...)".
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,22 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dilated model's segment lengths (default: 16,64,SEQ_LEN)")
     demo.add_argument("--dilation-rates", type=int_list, default=None,
                       help="dilated model's dilation rates (default: 1,4,16)")
-    demo.add_argument("--mode", choices=("groups", "longnet"), default="groups")
-    demo.add_argument("--implementation", choices=("auto", "standard", "improved"), default="auto")
+    demo.add_argument("--mode", choices=("groups", "longnet"), default="groups", help="dilated attention mode")
+    demo.add_argument("--implementation", choices=("auto", "standard", "improved"), default="auto",
+                      help="the factory's implementation name")
     demo.add_argument("--steps", type=int, default=300, help="training steps")
     demo.add_argument("--baseline-steps", type=int, default=None,
                       help="training steps of the local-only baseline (default: --steps; 0 skips it)")
-    demo.add_argument("--batch", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=1e-2)
-    demo.add_argument("--layers", type=int, default=2)
-    demo.add_argument("--d-model", type=int, default=64)
-    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--batch", type=int, default=32, help="sequences per training step")
+    demo.add_argument("--lr", type=float, default=1e-2, help="AdamW peak learning rate")
+    demo.add_argument("--layers", type=int, default=2, help="encoder layers")
+    demo.add_argument("--d-model", type=int, default=64, help="model width")
+    demo.add_argument("--heads", type=int, default=4, help="attention heads")
     demo.add_argument("--key-len", type=int, default=16, help="how many times the key is repeated")
     demo.add_argument("--eval-size", type=int, default=512, help="held-out sequences for the accuracy")
     demo.add_argument("--inner", default=None,
                       help="compile backend for the rewritten graph (default: aot_eager on CPU, "
                            "inductor on CUDA)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     demo.add_argument("--out", default=None,
                       help="directory for demo_model.pt2 and demo_inputs.pt (default: a temporary "
                            "directory, removed at the end)")
@@ -98,16 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: bfloat16 on CUDA, float32 on CPU")
     bench.add_argument("--seq-lens", type=int_list, default=None,
                        help="default: 4096,16384,65536,262144 on CUDA, 1024,2048,4096 on CPU")
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--heads", type=int, default=12)
-    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--batch", type=int, default=1, help="batch size")
+    bench.add_argument("--heads", type=int, default=12, help="attention heads")
+    bench.add_argument("--head-dim", type=int, default=64, help="head dimension")
     bench.add_argument("--segment-lengths", type=int_list, default=None,
                        help="default: 2048,4096,8192 on CUDA, 256,512,1024 on CPU")
-    bench.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4])
-    bench.add_argument("--mode", choices=("groups", "longnet"), default="groups")
-    bench.add_argument("--causal", action="store_true")
+    bench.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4], help="comma-separated (default: 1,2,4)")
+    bench.add_argument("--mode", choices=("groups", "longnet"), default="groups", help="dilated attention mode")
+    bench.add_argument("--causal", action="store_true", help="causal attention")
     bench.add_argument("--impls", type=str_list, default=list(_bench_impls()),
-                       help="comma-separated, among: " + ", ".join(_bench_impls()))
+                       help="comma-separated, among: " + ", ".join(_bench_impls()) + " (default: all)")
     bench.add_argument("--dense-max", type=int, default=65536, help="largest seq_len timed with dense SDPA")
     bench.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 20 CUDA, 5 CPU")
     bench.add_argument("--warmup", type=int, default=None, help="default 5 CUDA, 1 CPU")
@@ -120,13 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "queries, columns: keys; one grid per distinct head pattern, then their union), "
                     "its density and its attention FLOPs against dense attention. Derived from the "
                     "package's own segment math. Sequences longer than --max-cells are drawn in blocks.")
-    insp.add_argument("--seq-len", type=int, default=32)
-    insp.add_argument("--segment-lengths", type=int_list, default=[8, 16])
-    insp.add_argument("--dilation-rates", type=int_list, default=[1, 2])
-    insp.add_argument("--mode", choices=("groups", "longnet"), default="groups")
+    insp.add_argument("--seq-len", type=int, default=32, help="tokens (at most 4096)")
+    insp.add_argument("--segment-lengths", type=int_list, default=[8, 16], help="comma-separated (default: 8,16)")
+    insp.add_argument("--dilation-rates", type=int_list, default=[1, 2], help="comma-separated (default: 1,2)")
+    insp.add_argument("--mode", choices=("groups", "longnet"), default="groups", help="dilated attention mode")
     insp.add_argument("--heads", type=int, default=None, help="default: the number of branches")
     insp.add_argument("--head-dim", type=int, default=64, help="for the FLOP count")
-    insp.add_argument("--causal", action="store_true")
+    insp.add_argument("--causal", action="store_true", help="causal attention")
     insp.add_argument("--union-only", action="store_true", help="draw only the union over heads")
     insp.add_argument("--max-cells", type=int, default=64, help="grid width in characters")
 
