@@ -99,20 +99,7 @@ def _expand(graph: torch.fx.Graph, node: torch.fx.Node, a: dict, target: Target)
 
 def rewrite_fast_path(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
     count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _TARGETS:
-            continue
-        if not decider.selected(KIND, node):
-            continue
-        try:
-            a = _bind(node)
-        except TypeError as err:
-            decider.refuse(KIND, node, f"arguments do not bind: {err}")
-            continue
-        problem = _problem(a, target)
-        if problem:
-            decider.refuse(KIND, node, problem)
-            continue
+    for node, a in decider.calls(gm, KIND, _TARGETS, _bind, lambda node, a: _problem(a, target)):
         node.replace_all_uses_with(_expand(gm.graph, node, a, target))
         gm.graph.erase_node(node)
         decider.done(KIND, node)

@@ -96,24 +96,16 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, a: dict, target: Target
     graph.erase_node(node)
 
 
+def _bind(node: torch.fx.Node) -> dict:
+    bound = _SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def rewrite_mha(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
     count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
-            continue
-        if not decider.selected(KIND, node):
-            continue
-        try:
-            bound = _SIGNATURE.bind(*node.args, **node.kwargs)
-        except TypeError as err:
-            decider.refuse(KIND, node, f"arguments do not bind: {err}")
-            continue
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        problem = _problem(a, node, target)
-        if problem:
-            decider.refuse(KIND, node, problem)
-            continue
+    for node, a in decider.calls(gm, KIND, (F.multi_head_attention_forward,), _bind,
+                                 lambda node, a: _problem(a, node, target)):
         _rewrite(gm.graph, node, a, target)
         decider.done(KIND, node)
         count += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch.fx
 
@@ -107,3 +107,24 @@ class Decider:
 
     def done(self, kind: str, node: torch.fx.Node) -> None:
         self.report.rewritten.append(self.entry(kind, node))
+
+    def calls(self, gm: torch.fx.GraphModule, kind: str, targets, bind: Callable[[torch.fx.Node], dict],
+              problem: Callable[[torch.fx.Node, dict], Optional[str]]) -> Iterator[Tuple[torch.fx.Node, dict]]:
+        """The ``call_function`` nodes of ``gm`` on one of ``targets`` that ``select`` chooses
+        and that can be rewritten, with their arguments as ``bind`` names them (a TypeError
+        there, or a reason from ``problem``, refuses the node)."""
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in targets:
+                continue
+            if not self.selected(kind, node):
+                continue
+            try:
+                a = bind(node)
+            except TypeError as err:
+                self.refuse(kind, node, f"arguments do not bind: {err}")
+                continue
+            reason = problem(node, a)
+            if reason:
+                self.refuse(kind, node, reason)
+                continue
+            yield node, a

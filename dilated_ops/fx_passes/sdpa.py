@@ -69,24 +69,9 @@ def sdpa_problem(a: dict, target: Target) -> Optional[str]:
 def sdpa_calls(gm: torch.fx.GraphModule, targets, target: Target, decider: Decider,
                extra_problem: Callable[[torch.fx.Node, dict], Optional[str]] = lambda node, a: None
                ) -> Iterator[Tuple[torch.fx.Node, dict]]:
-    """The SDPA nodes of ``gm`` (call_function of one of ``targets``) chosen by ``decider`` that
-    can be rewritten, with their bound arguments; the others are refused through ``decider``
-    (``extra_problem`` adds a pass's own checks)."""
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in targets:
-            continue
-        if not decider.selected(KIND, node):
-            continue
-        try:
-            a = bind_sdpa(node)
-        except TypeError as err:
-            decider.refuse(KIND, node, f"arguments do not bind: {err}")
-            continue
-        problem = sdpa_problem(a, target) or extra_problem(node, a)
-        if problem:
-            decider.refuse(KIND, node, problem)
-            continue
-        yield node, a
+    """The SDPA nodes of ``gm`` (on one of ``targets``) to rewrite, with their bound arguments;
+    ``extra_problem`` adds a pass's own checks to :func:`sdpa_problem`."""
+    return decider.calls(gm, KIND, targets, bind_sdpa, lambda node, a: sdpa_problem(a, target) or extra_problem(node, a))
 
 
 def emit_transposed(graph: torch.fx.Graph, target: Target, a: dict, dropout_p: float, transpose=torch.transpose):
