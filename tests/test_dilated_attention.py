@@ -230,3 +230,21 @@ def test_longnet_allows_fewer_heads_than_branches():
     q = rand(1, 16, 2, 8)
     out = dilated_ops.dilated_attention(q, q, q, [4, 8, 16], [1, 2, 4], mode="longnet")
     assert (out - dilated_attention_reference(q, q, q, [4, 8, 16], [1, 2, 4], mode="longnet")).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_groups_buffers_fully_written_from_poisoned_memory(monkeypatch, is_causal):
+    # The groups forward fills only the heads of branches with rate > 1 (a rate-1 branch writes
+    # all its positions): hand it NaN-poisoned buffers and check every element got written.
+    from dilated_ops.kernels import dilated
+
+    real_empty = torch.empty
+    monkeypatch.setattr(dilated, "empty_output", lambda q: torch.full_like(q, float("nan")))
+    monkeypatch.setattr(dilated.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    q, k, v = (torch.randn(2, 700, 7, 16, dtype=torch.float64) for _ in range(3))
+    segs, rates = [128, 512, 256], [1, 4, 1]  # rate-1 groups on both sides of a rate-4 one
+    out, lse = dilated.dilated_attention_forward(q, k, v, segs, rates, is_causal=is_causal)
+    monkeypatch.undo()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    ref = dilated_attention_reference(q, k, v, segs, rates, is_causal=is_causal)
+    assert (out - ref).abs().max() < 1e-10

@@ -51,6 +51,29 @@ def empty_output(q: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(_dense_last(q))
 
 
+def _groups_buffers(q: torch.Tensor, calls, lse_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``out`` and ``lse`` for groups mode, zero and -inf where no branch writes: only the heads
+    of branches with rate > 1 (a rate-1 branch writes every position of its heads), one fill per
+    run of adjacent such heads (2.60 vs 2.69 ms for a fill of all of out at n = 256K bf16 on the
+    H100, interleaved). Filling only the unselected positions through strided views measured
+    0.4 ms slower, and with a Triton kernel that writes only those rows, no faster."""
+    b, n, h, _ = q.shape
+    out = empty_output(q)
+    lse = torch.empty((b, n, h), dtype=lse_dtype, device=q.device)
+    runs = []
+    for call in calls:
+        if call.rate > 1:
+            h0, h1, _ = call.heads.indices(h)
+            if runs and runs[-1][1] == h0:
+                runs[-1][1] = h1
+            else:
+                runs.append([h0, h1])
+    for h0, h1 in runs:
+        out[:, :, h0:h1].zero_()
+        lse[:, :, h0:h1].fill_(float("-inf"))
+    return out, lse
+
+
 def _pieces(call, *tensors):
     return zip(*(segment_views(t, call) for t in tensors))
 
@@ -79,11 +102,7 @@ def dilated_attention_forward(
     lse_dtype = attention.lse_dtype(q.dtype)
 
     if mode == "groups":
-        # One contiguous fill: filling only the unselected positions through strided views
-        # measured 0.4 ms slower at n = 256K on the H100, and with a Triton kernel that writes
-        # only those rows, no faster (2.48 vs 2.43 ms).
-        out = empty_output(q).zero_()
-        lse = q.new_full((b, n, h), float("-inf"), dtype=lse_dtype)
+        out, lse = _groups_buffers(q, calls, lse_dtype)
         triton_fwd = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
         for ci, call in enumerate(calls):
             for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
