@@ -1,102 +1,99 @@
-"""Host time per call of the op's forward (CUDA, tiny inputs, so the GPU waits on the host):
-how much Python and launch work one call costs, and where it goes (cProfile, top entries).
+"""How much of a call's time is the GPU waiting for the host, the op against SDPA on pre-gathered
+segments (the floor), standard config (bf16, 12 heads, head_dim 64, segments [2048, 4096,
+8192], rates [1, 2, 4], groups). Three numbers per call, median over rounds:
+
+- per call: CUDA events around the call with the GPU idle before it (what bench_dilated.py
+  reports);
+- GPU only: the same with the GPU held busy (a sleep kernel) while the host enqueues the call,
+  so only the kernels' own time remains;
+- host: wall time of the Python call itself.
+
+Variants are interleaved, one call each per round, and the order rotates every round: the card's
+clock drifts within a run and the first call after a pause runs slower, so neither fixed blocks
+nor a fixed order compare fairly. Also ``torch.compile(mode="reduce-overhead")`` (CUDA graphs
+replay the launches) for the forward.
 
     python benchmarks/host_overhead.py
 """
 from __future__ import annotations
 
-import cProfile
-import pstats
+import os
+import statistics
+import sys
 import time
 
 import torch
 
-import dilated_ops
-from dilated_ops import _checks
-from dilated_ops.kernels.dilated import dilated_attention_forward
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
+
+import dilated_ops  # noqa: E402
+
+SEGS, RATES = [2048, 4096, 8192], [1, 2, 4]
 
 
-def per_call_us(fn, reps=300):
-    for _ in range(20):
+def _timed(fn):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e), (t1 - t0) * 1e3
+
+
+def compare(variants, rounds):
+    """{name: (per call, GPU only, host)} medians in ms."""
+    for fn in variants.values():
+        fn()
         fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = (time.perf_counter() - start) / reps * 1e6
-    torch.cuda.synchronize()
-    return host
+    res = {name: ([], [], []) for name in variants}
+    names = list(variants)
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            per_call, gpu, host = res[name]
+            per_call.append(_timed(variants[name])[0])
+            torch.cuda._sleep(40_000_000)  # tens of ms of GPU work queued ahead of the call
+            t, h = _timed(variants[name])
+            gpu.append(t)
+            host.append(h)
+    return {name: tuple(statistics.median(x) for x in r) for name, r in res.items()}
 
 
 def main():
-    segs, rates = [2048, 4096, 8192], [1, 2, 4]
-    q, k, v = (torch.randn(1, 8192, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with torch.no_grad():
-        rows = {
-            "op, backend auto (Triton)": lambda: dilated_ops.dilated_attention(q, k, v, segs, rates),
-            "torch.ops.dilated.dilated_attention": lambda: torch.ops.dilated.dilated_attention(
-                q, k, v, segs, rates, "groups", False),
-            "kernel function only": lambda: dilated_attention_forward(q, k, v, segs, rates),
-            "argument checks only": lambda: _checks.check_dilated_args(
-                q, k, v, segs, rates, "groups", None, 0.0, "auto"),
-            "op, backend sdpa": lambda: dilated_ops.dilated_attention(q, k, v, segs, rates, backend="sdpa"),
-            "one SDPA call (reference point)": lambda: torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
-        }
-        print("host us per call (n=8192, 12 heads, d=64, bf16, no grad)")
-        for name, fn in rows.items():
-            print(f"  {name:34s} {per_call_us(fn):8.1f}")
-        for n in (2048, 8192, 65536):
-            qq, kk, vv = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            fn = lambda: dilated_ops.dilated_attention(qq, kk, vv, [min(w, n) for w in segs], rates)
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize()
-            gpu = []
-            for _ in range(30):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record(); fn(); e.record(); torch.cuda.synchronize()
-                gpu.append(s.elapsed_time(e) * 1e3)
-            t0 = time.perf_counter()
-            for _ in range(30):
-                fn(); torch.cuda.synchronize()
-            synced = (time.perf_counter() - t0) / 30 * 1e6
-            print(f"n={n}: per call, synchronized: wall {synced:.0f} us; event-timed {sorted(gpu)[15]:.0f} us")
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            for _ in range(20):
-                rows["op, backend auto (Triton)"]()
-            torch.cuda.synchronize()
-        print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            rows["op, backend auto (Triton)"]()
-        prof.disable()
-        torch.cuda.synchronize()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
-    # forward+backward at a short sequence: host-bound, so wall time per call is host time
-    qg, kg, vg = (t[:, :2048].clone().requires_grad_() for t in (q, k, v))
-    grad = torch.randn_like(qg)
+    compiled = torch.compile(lambda q, k, v: dilated_ops.dilated_attention(q, k, v, SEGS, RATES),
+                             mode="reduce-overhead", fullgraph=True)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms, median over rotated rounds")
+    print("| n | pass | call | per call | GPU only | host |")
+    print("|---|---|---|---|---|---|")
+    for n in (16384, 65536, 262144):
+        for grad in (False, True):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+                       for _ in range(3))
+            batches = baselines.pregather(q, k, v, SEGS, RATES)
+            calls = {
+                "dilated_ops.dilated_attention": lambda: [dilated_ops.dilated_attention(q, k, v, SEGS, RATES)],
+                "torch.ops.dilated.dilated_attention": lambda: [
+                    torch.ops.dilated.dilated_attention(q, k, v, SEGS, RATES, "groups", False)[0]],
+                "SDPA, pre-gathered (floor)": lambda: baselines.pregathered(batches),
+            }
+            if not grad:
+                calls["reduce-overhead compiled op"] = lambda: [compiled(q, k, v)]
 
-    def fwd_bwd():
-        dilated_ops.dilated_attention(qg, kg, vg, [512, 1024, 2048], rates).backward(grad)
+            def run(f, grad=grad):
+                if not grad:
+                    with torch.no_grad():
+                        return f()
+                outs = f()
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
-    for _ in range(10):
-        fwd_bwd()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(50):
-        fwd_bwd()
-    torch.cuda.synchronize()
-    print(f"fwd+bwd n=2048: {(time.perf_counter() - t0) / 50 * 1e6:.0f} us per call")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(50):
-        fwd_bwd()
-    torch.cuda.synchronize()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            res = compare({name: (lambda f=f: run(f)) for name, f in calls.items()}, 40 if n < 262144 or not grad else 20)
+            for name, (per_call, gpu, host) in res.items():
+                print(f"| {n} | {'fwd+bwd' if grad else 'fwd'} | {name} | {per_call:.3f} | {gpu:.3f} | {host:.3f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -108,11 +108,67 @@ def test_grad_out_expanded():
         assert (a.grad - b.grad).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("path", ["eager", "op"])
 @pytest.mark.parametrize("mode", ["groups", "longnet"])
-def test_gradcheck_op(mode):
+def test_gradcheck_op(mode, path):
     q, k, v = (rand(2, 13, 3, 4).requires_grad_() for _ in range(3))
-    fn = lambda q, k, v: dilated_ops.dilated_attention(q, k, v, [4, 8], [1, 2], mode=mode, is_causal=True)
+    if path == "eager":  # dilated_ops.dilated_attention on plain tensors: the eager fast path
+        fn = lambda q, k, v: dilated_ops.dilated_attention(q, k, v, [4, 8], [1, 2], mode=mode, is_causal=True)
+    else:
+        fn = lambda q, k, v: torch.ops.dilated.dilated_attention(q, k, v, [4, 8], [1, 2], mode, True)[0]
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_eager_fast_path_equals_op(mode, dropout_p):
+    # Eager calls on plain tensors skip the custom-op dispatch (an autograd.Function over the
+    # same kernels, or the forward kernels alone without grad): results must be bitwise the op's.
+    q, k, v = (rand(3, 7, 45, 8).transpose(1, 2).requires_grad_() for _ in range(3))  # non-contiguous
+    segs, rates = [8, 16, 32], [1, 2, 4]
+    torch.manual_seed(5)
+    fast = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, dropout_p=dropout_p)
+    assert type(fast.grad_fn).__name__ == "_EagerBackward"
+    torch.manual_seed(5)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p else None
+    slow, _ = dilated_attention_op(q, k, v, segs, rates, mode, False, None, dropout_p, seed)
+    assert type(slow.grad_fn).__name__ != "_EagerBackward"
+    assert torch.equal(fast, slow)
+    with torch.no_grad():  # nothing to differentiate: the forward kernels are called directly
+        torch.manual_seed(5)
+        nograd = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, dropout_p=dropout_p)
+    assert nograd.grad_fn is None and torch.equal(nograd, slow)
+    g = rand(*fast.shape)
+    for a, b in zip(grads(fast, (q, k, v), g), grads(slow, (q, k, v), g)):
+        assert torch.equal(a, b)
+
+
+def test_op_node_seen_under_dispatch_modes_and_compile():
+    # Where ops are watched or traced the call must stay one dilated.dilated_attention op.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (rand(1, 32, 2, 8) for _ in range(3))
+    with Log() as log:
+        dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2])
+    assert "dilated.dilated_attention.default" in log.ops
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch.compile(lambda q, k, v: dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2]), backend=backend,
+                  fullgraph=True)(q, k, v)
+    assert any(n.target is torch.ops.dilated.dilated_attention.default for n in graphs[0].graph.nodes)
 
 
 @pytest.mark.parametrize(
@@ -234,8 +290,8 @@ def test_longnet_allows_fewer_heads_than_branches():
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_groups_buffers_fully_written_from_poisoned_memory(monkeypatch, is_causal):
-    # The groups forward fills only the heads of branches with rate > 1 (a rate-1 branch writes
-    # all its positions): hand it NaN-poisoned buffers and check every element got written.
+    # The groups forward writes every element of out and lse (fill, then each branch's
+    # positions): hand it NaN-poisoned buffers and check.
     from dilated_ops.kernels import dilated
 
     real_empty = torch.empty

@@ -11,6 +11,7 @@ Imported only when those hold, so CPU installs need no Triton.
 from __future__ import annotations
 
 import os
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -22,8 +23,7 @@ from .attention import device_capability
 # benchmarks/sweep_triton.py on the H100 (64x64, 4 warps, 3 stages was best at d=64).
 CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3)}
 # Where the op uses it: head dims where it measured faster than SDPA on views + copy
-# (d=64: 2.44 vs 2.74 ms; d=128: 4.46 vs 3.88 ms, so not there). Writing the zeros of
-# unselected positions from the kernel instead of a fill pass measured 0.3 ms slower.
+# (d=64: 2.44 vs 2.74 ms; d=128: 4.46 vs 3.88 ms, so not there).
 FASTER_HEAD_DIMS = (64,)
 ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
@@ -103,9 +103,9 @@ def _dilated_fwd(
     svb, svs, svl, svh,
     sob, sos, sol, soh,
     slb, sls, sll, slh,
-    S, H, L, qk_scale, out_scale,
+    S, H, L, qk_scale, out_scale, R, OFF, son, sln,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, FILL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_z = tl.program_id(1).to(tl.int64)
@@ -155,16 +155,33 @@ def _dilated_fwd(
     o_base = O + b * sob + s * sos + h * soh
     tl.store(o_base + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + b * slb + s * sls + h * slh + offs_m * sll, lse, mask=row_ok)
+    l_base = LSE + b * slb + s * sls + h * slh
+    tl.store(l_base + offs_m * sll, lse, mask=row_ok)
+    if FILL:
+        # The same rows at the segment's other R - 1 offsets belong to no branch of these heads
+        # (groups mode): zero and -inf them here instead of a fill pass over out and lse before
+        # the launches (one fewer kernel; son, sln: out's and lse's stride of one position).
+        zeros = tl.zeros([BLOCK_M, HEAD_DIM], O.dtype.element_ty)
+        ninf = tl.full([BLOCK_M], float("-inf"), LSE.dtype.element_ty)
+        for t in range(1, R):
+            delta = (OFF + t) % R - OFF
+            tl.store(o_base + delta * son + offs_m[:, None] * sol + offs_d[None, :], zeros, mask=row_ok[:, None])
+            tl.store(l_base + delta * sln + offs_m * sll, ninf, mask=row_ok)
 
 
-def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: float) -> None:
+def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: float,
+                 fill: Optional[Tuple[int, int]] = None) -> None:
     """Attention over each (batch, segment, head) of the 5-D pieces q, k, v; writes
-    ``out_scale * softmax(q k^T scale) v`` into ``out`` and the natural-log lse into ``lse``."""
+    ``out_scale * softmax(q k^T scale) v`` into ``out`` and the natural-log lse into ``lse``.
+
+    ``fill = (rate, offset)``: the pieces are full segments of a branch with that rate and
+    offset (out and lse views of the whole sequence); also write 0 / -inf at every other offset
+    of those segments, the positions no branch selects for these heads in groups mode."""
     b, s, length, h, d = q.shape
     if length == 0 or b * s * h == 0:
         return
     block_m, block_n, warps, stages = CONFIGS[d]
+    rate, offset = fill if fill is not None else (1, 0)
     grid = (triton.cdiv(length, block_m), b * s * h)
     use_tma = USE_TMA and all(
         t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:4])
@@ -181,7 +198,7 @@ def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: fl
     _dilated_fwd[grid](
         q_arg, k_arg, v_arg, out, lse,
         *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], *lse.stride(),
-        s, h, length, scale * _LOG2E, out_scale,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=is_causal, USE_TMA=use_tma,
+        s, h, length, scale * _LOG2E, out_scale, rate, offset, out.stride(2) // rate, lse.stride(2) // rate,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=is_causal, USE_TMA=use_tma, FILL=rate > 1,
         num_warps=warps, num_stages=stages,
     )

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _checks
 from ..kernels import attention as _attention
@@ -108,6 +109,45 @@ def _backward(ctx, grad_out, grad_lse):
 dilated_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Eager(torch.autograd.Function):
+    """Eager calls of :func:`dilated_attention` on plain tensors that need gradients: the op's own
+    forward, autograd context and backward kernel without the custom-op dispatch layers, which
+    cost host time while the GPU waits (forward+backward at 16K tokens on the H100 machine:
+    3.64 -> 3.54 ms per call, host 2.99 -> 2.77 ms, interleaved)."""
+
+    @staticmethod
+    def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed, backend):
+        return dilated_attention_forward(
+            q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p,
+            _seed(dropout_p, seed), backend,
+        )
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p = ctx.config
+        dq, dk, dv = dilated_attention_backward(
+            grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode, is_causal, scale,
+            dropout_p, _seed(dropout_p, seed),
+        )
+        return (dq, dk, dv) + (None,) * 8
+
+
+def _eager(*tensors: Tensor) -> bool:
+    """True for plain tensors outside tracing, transforms and dispatch modes: there the op node
+    is what counts (compile, export, fake tensors, FX proxies, torch.func, a TorchDispatchMode
+    watching ops)."""
+    return (
+        all(type(t) is Tensor for t in tensors)
+        and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
 def dilated_attention(
     q: Tensor,
     k: Tensor,
@@ -138,8 +178,10 @@ def dilated_attention(
     if dropout_p > 0.0:
         # Drawn from the default CPU generator, so torch.manual_seed makes runs repeatable.
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    out, _ = dilated_attention_op(
-        q, k, v, list(segment_lengths), list(dilation_rates), mode, is_causal, scale,
-        dropout_p, seed, backend,
-    )
-    return out
+    args = (q, k, v, list(segment_lengths), list(dilation_rates), mode, is_causal, scale, dropout_p, seed, backend)
+    if not _eager(q, k, v):
+        return dilated_attention_op(*args)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Eager.apply(*args)[0]
+    # Nothing to differentiate: the forward kernels alone.
+    return dilated_attention_forward(*args[:9], _seed(dropout_p, seed), backend)[0]
