@@ -304,3 +304,18 @@ def test_groups_buffers_fully_written_from_poisoned_memory(monkeypatch, is_causa
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     ref = dilated_attention_reference(q, k, v, segs, rates, is_causal=is_causal)
     assert (out - ref).abs().max() < 1e-10
+
+
+def test_forward_mode_ad_is_a_clear_error():
+    # No forward-mode formula: the registered op would drop the tangent silently, so the
+    # function refuses dual inputs.
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (rand(1, 32, 2, 8) for _ in range(3))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, torch.randn_like(q))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            dilated_ops.dilated_attention(dual, k, v, [8, 16], [1, 2])
+        # without tangents inside a dual level it still runs
+        assert torch.equal(dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2]),
+                           dilated_ops.dilated_attention(q.clone(), k, v, [8, 16], [1, 2]))

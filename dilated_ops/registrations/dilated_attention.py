@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _checks
@@ -148,6 +149,14 @@ def _plain_eager(*tensors: Tensor) -> bool:
     )
 
 
+def _has_tangent(*tensors: Tensor) -> bool:
+    """Inside ``torch.autograd.forward_ad.dual_level`` with a dual input: the op has no
+    forward-mode formula, and the custom op would drop the tangent silently."""
+    if getattr(_forward_ad, "_current_level", -1) < 0:
+        return False
+    return any(isinstance(t, Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def dilated_attention(
     q: Tensor,
     k: Tensor,
@@ -178,6 +187,11 @@ def dilated_attention(
     if dropout_p > 0.0:
         # Drawn from the default CPU generator, so torch.manual_seed makes runs repeatable.
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    if _has_tangent(q, k, v):
+        raise NotImplementedError(
+            "dilated_attention does not support forward-mode AD (torch.autograd.forward_ad): "
+            "q, k or v carries a tangent; use reverse mode (backward / torch.autograd.grad)"
+        )
     segment_lengths, dilation_rates = list(segment_lengths), list(dilation_rates)
     config = (segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p)
     if not _plain_eager(q, k, v):
