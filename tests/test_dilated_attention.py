@@ -169,6 +169,12 @@ def test_op_node_seen_under_dispatch_modes_and_compile():
     torch.compile(lambda q, k, v: dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2]), backend=backend,
                   fullgraph=True)(q, k, v)
     assert any(n.target is torch.ops.dilated.dilated_attention.default for n in graphs[0].graph.nodes)
+    # torch.jit.trace records the op too (the kernels' Python would not trace: shapes are tensors)
+    fn = lambda q, k, v: dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2])
+    traced = torch.jit.trace(fn, (q, k, v), check_trace=False)
+    assert "dilated::dilated_attention" in str(traced.graph)
+    q2, k2, v2 = (rand(1, 32, 2, 8) for _ in range(3))
+    assert torch.equal(traced(q2, k2, v2), fn(q2, k2, v2))
 
 
 @pytest.mark.parametrize(

@@ -139,11 +139,12 @@ class _Eager(torch.autograd.Function):
 
 def _plain_eager(*tensors: Tensor) -> bool:
     """True for plain tensors outside tracing, transforms and dispatch modes: there the op node
-    is what counts (compile, export, fake tensors, FX proxies, torch.func, a TorchDispatchMode
-    watching ops)."""
+    is what counts (compile, export, torch.jit.trace, fake tensors, FX proxies, torch.func, a
+    TorchDispatchMode watching ops)."""
     return (
         all(type(t) is Tensor for t in tensors)
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and _get_current_dispatch_mode() is None
         and torch._C._functorch.peek_interpreter_stack() is None
     )
