@@ -295,9 +295,9 @@ def test_longnet_allows_fewer_heads_than_branches():
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_groups_buffers_fully_written_from_poisoned_memory(monkeypatch, is_causal):
-    # The groups forward writes every element of out and lse (fill, then each branch's
-    # positions): hand it NaN-poisoned buffers and check.
+def test_groups_forward_writes_every_element_from_poisoned_memory(monkeypatch, is_causal):
+    # The groups forward (SDPA path here; the Triton path in test_cuda.py) writes every element
+    # of out and lse (fill, then each branch's positions): hand it NaN-poisoned buffers.
     from dilated_ops.kernels import dilated
 
     real_empty = torch.empty
