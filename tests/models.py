@@ -6,6 +6,21 @@ from torch import nn
 D64 = torch.float64
 
 
+def assert_same_outputs_and_grads(model, rewritten, inputs, tol=1e-10, params=None, label=""):
+    """``rewritten(*inputs)`` equals ``model(*inputs)``, and after a backward of one random
+    cotangent through both, each parameter of ``model`` has the gradient of its namesake in
+    ``params`` (default: ``rewritten``'s own named parameters), the names matching exactly."""
+    out, got = model(*inputs), rewritten(*inputs)
+    torch.testing.assert_close(got, out, rtol=tol, atol=tol, msg=label or None)
+    g = torch.randn_like(out)
+    out.backward(g)
+    got.backward(g)
+    params = dict(rewritten.named_parameters()) if params is None else params
+    assert set(params) == {name for name, _ in model.named_parameters()}, label
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(params[name].grad, p.grad, rtol=tol, atol=tol, msg=f"{label} {name}")
+
+
 class GPTBlock(nn.Module):
     def __init__(self, e=8, h=2):
         super().__init__()

@@ -11,7 +11,7 @@ from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
-from models import GPT
+from models import GPT, assert_same_outputs_and_grads
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 
@@ -364,12 +364,5 @@ def test_float32_dense_branch_equals_original_every_route(route):
                                                              example_inputs=inputs)
             assert report.rewritten and not report.refused, (name, str(report))
             params = {k.removeprefix("m."): v for k, v in rewritten.named_parameters()}
-        out, got = model(*inputs), rewritten(*inputs)
-        torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5, msg=name)
-        g = torch.randn_like(out)
-        out.backward(g)
-        got.backward(g)
-        assert set(params) == {n for n, _ in model.named_parameters()}, name
-        for pname, p in model.named_parameters():
-            torch.testing.assert_close(params[pname].grad, p.grad, rtol=1e-5, atol=1e-5, msg=f"{name}: {pname}")
+        assert_same_outputs_and_grads(model, rewritten, inputs, tol=1e-5, params=params, label=name)
         torch._dynamo.reset()

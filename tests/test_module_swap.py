@@ -12,6 +12,8 @@ from torch import nn
 import dilated_ops
 from dilated_ops import ConvertedMultiheadAttention
 from dilated_ops.fx_passes import RewriteRefused
+
+from models import assert_same_outputs_and_grads
 from dilated_ops.kernels.reference import dilated_attention_reference
 
 D64 = torch.float64
@@ -200,15 +202,7 @@ dilated.dilated_attention.default""")
             ep = dilated_ops.export(model, (x,), segment_lengths=[N], dilation_rates=[1])
             self.assertEqual(sum(n.target == OP for n in ep.graph.nodes), 2)
             exported = ep.module()
-            out, got = model(x), exported(x)
-            torch.testing.assert_close(got, out, rtol=1e-10, atol=1e-10)
-            g = torch.randn_like(out)
-            out.backward(g)
-            got.backward(g)
-            exported_params = dict(exported.named_parameters())
-            self.assertEqual(set(exported_params), {name for name, _ in model.named_parameters()})
-            for name, p in model.named_parameters():
-                torch.testing.assert_close(exported_params[name].grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+            assert_same_outputs_and_grads(model, exported, (x,))
 
     def test_save_load_round_trip(self):
         model = SelfMHA(batch_first=True).eval()

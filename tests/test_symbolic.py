@@ -13,6 +13,8 @@ from dilated_ops import ConvertedMultiheadAttention
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 
+from models import assert_same_outputs_and_grads
+
 D64 = torch.float64
 N = 16
 
@@ -168,14 +170,7 @@ def test_functional_sdpa_with_example_inputs_dense_branch_equals_original():
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.dilated.dilated_attention.default) == 2
     assert not any("scaled_dot_product" in str(t) for t in targets)
-    out, got = model(idx), gm(idx)
-    torch.testing.assert_close(got, out, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(out)
-    out.backward(g)
-    got.backward(g)
-    mine = dict(gm.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+    assert_same_outputs_and_grads(model, gm, (idx,))
 
 
 def test_functional_sdpa_dilated_config_equals_compile_backend_and_needs_example_inputs():
@@ -219,14 +214,7 @@ def test_transformer_encoder_inside_a_leaf_dense_branch_equals_original(train):
     assert all(isinstance(gm.get_submodule(f"encoder.layers.{i}.self_attn"), ConvertedMultiheadAttention) for i in (0, 1))
     x = x64(2, N, 8)
     if train:
-        out, got = model(x), gm(x)
-        torch.testing.assert_close(got, out, rtol=1e-10, atol=1e-10)
-        g = torch.randn_like(out)
-        out.backward(g)
-        got.backward(g)
-        mine = dict(gm.named_parameters())
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+        assert_same_outputs_and_grads(model, gm, (x,))
     else:
         with torch.no_grad():
             torch.testing.assert_close(gm(x), model(x), rtol=1e-10, atol=1e-10)
