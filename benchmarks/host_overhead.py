@@ -13,10 +13,11 @@ clock drifts within a run and the first call after a pause runs slower, so neith
 nor a fixed order compare fairly. Also ``torch.compile(mode="reduce-overhead")`` (CUDA graphs
 replay the launches) for the forward.
 
-    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py [--seq-lens 16384 65536 262144]
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -30,6 +31,21 @@ import baselines  # noqa: E402
 import dilated_ops  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192], [1, 2, 4]
+
+try:
+    from dilated_ops.kernels import triton_forward
+except ImportError:
+    triton_forward = None
+
+
+def _no_replay(fn):
+    """``fn()`` with the Triton forward's recorded-launch replay off (every launch through
+    Triton's JIT and fresh views, as before the replay)."""
+    triton_forward.REPLAY = False
+    try:
+        return fn()
+    finally:
+        triton_forward.REPLAY = True
 
 
 def _timed(fn):
@@ -63,12 +79,15 @@ def compare(variants, rounds):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 65536, 262144])
+    args = ap.parse_args()
     compiled = torch.compile(lambda q, k, v: dilated_ops.dilated_attention(q, k, v, SEGS, RATES),
                              mode="reduce-overhead", fullgraph=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms, median over rotated rounds")
     print("| n | pass | call | per call | GPU only | host |")
     print("|---|---|---|---|---|---|")
-    for n in (16384, 65536, 262144):
+    for n in args.seq_lens:
         for grad in (False, True):
             torch.manual_seed(0)
             q, k, v = (torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
@@ -82,6 +101,9 @@ def main():
             }
             if not grad:
                 calls["reduce-overhead compiled op"] = lambda: [compiled(q, k, v)]
+            if triton_forward is not None:
+                calls["dilated_ops.dilated_attention, no launch replay"] = lambda: _no_replay(
+                    lambda: [dilated_ops.dilated_attention(q, k, v, SEGS, RATES)])
 
             def run(f, grad=grad):
                 if not grad:

@@ -16,7 +16,7 @@ def _shape(t: torch.Tensor) -> tuple:
 
 
 def check_int_list(name: str, values) -> list:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    if type(values) not in (list, tuple) and (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)):
         raise TypeError(f"{name} must be a list of positive ints: got {values!r}")
     values = list(values)
     if not values:

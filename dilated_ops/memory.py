@@ -3,12 +3,15 @@
 
 There is no memory pool: tensors come from PyTorch's caching allocator (see
 ``torch.cuda.memory_stats`` for that). The library's own caches are listed in :data:`CACHES`;
-today that is one, the launch plans of ``kernels.segments.plan`` (Python data: which heads use
-which segment, rate and offset; no tensors, since the index math is strided views). A cache of
-tensors added later reports its tensors and bytes through the same table.
+today those are the launch plans of ``kernels.segments.plan`` (Python data: which heads use
+which segment, rate and offset; no tensors, since the index math is strided views) and, where
+Triton is installed, the recorded launches of the Triton forward per input layout (integers and
+references to compiled kernels). A cache of tensors added later reports its tensors and bytes
+through the same table.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Callable, Dict, NamedTuple
 
@@ -25,12 +28,35 @@ class Cache(NamedTuple):
     holds: str
 
 
+def _triton_forward():
+    """The Triton forward module once a call has loaded it (importing it here would load
+    Triton with the package); None before that and on installs without Triton."""
+    return sys.modules.get(f"{__package__}.kernels.triton_forward")
+
+
+def _recorded_launches() -> int:
+    module = _triton_forward()
+    return module.num_recorded() if module is not None else 0
+
+
+def _clear_recorded_launches() -> None:
+    module = _triton_forward()
+    if module is not None:
+        module.clear_recorded()
+
+
 CACHES: Dict[str, Cache] = {
     "kernels.segments.plan": Cache(
         entries=lambda: segments.plan.cache_info().currsize,
         tensor_bytes=lambda: 0,  # Python tuples of BranchCall, no tensors
         clear=segments.plan.cache_clear,
         holds="attention launch plans per (heads, segment_lengths, dilation_rates, mode): Python data",
+    ),
+    "kernels.triton_forward.launches": Cache(
+        entries=_recorded_launches,
+        tensor_bytes=lambda: 0,  # offsets, strides and compiled-kernel handles, no tensors
+        clear=_clear_recorded_launches,
+        holds="Triton forward launches recorded per input layout (shapes, strides, alignment, config): Python data",
     ),
 }
 

@@ -172,3 +172,82 @@ def test_kernel_sdpa_skips_triton_and_agrees():
     sdpa = dilated_ops.dilated_attention(q, k, v, [256, 512, 1024], [1, 2, 4], backend="sdpa")
     assert not torch.equal(auto, sdpa)  # different kernels, different rounding
     assert rel(auto, sdpa) < 1e-2
+
+
+def _replay_inputs(layout, b, n, h, d=64):
+    """q, k, v ``(b, n, h, d)`` bf16 in one of the layouts the recorded launches key on."""
+    if layout == "contiguous":
+        return [torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    if layout == "fused":  # slices of one (b, n, 3, h, d) projection
+        return list(torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.bfloat16).unbind(2))
+    if layout == "unaligned":  # rows 2 bytes off 16-byte alignment: pointer loads, not TMA
+        return [torch.randn(b, n, h, d + 1, device="cuda", dtype=torch.bfloat16)[..., 1:] for _ in range(3)]
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("layout, b, n, h, segs, rates", [
+    ("fused", 2, 300, 5, [64, 128, 256], [1, 2, 4]),                # partial trailing segments
+    ("contiguous", 1, 4096 + 777, 7, [512, 1536, 2048], [1, 3, 4]),
+    ("unaligned", 3, 1000, 6, [128, 512], [1, 4]),
+])
+def test_replayed_launches_match_the_plain_launches(layout, b, n, h, segs, rates, is_causal, monkeypatch):
+    # The first call of a layout records its Triton launches, later calls replay them on new
+    # tensors; the replay must compute exactly what the plain (JIT) launches do, write every
+    # element (poisoned memory), and not reuse launches across layouts.
+    from dilated_ops.kernels import triton_forward
+    from dilated_ops.kernels.segments import plan, segment_views
+
+    if not triton_forward.REPLAY:
+        pytest.skip(f"launch replay is off for Triton {triton_forward.triton.__version__}")
+    triton_forward.clear_recorded()
+    call = lambda q, k, v: torch.ops.dilated.dilated_attention(q, k, v, segs, rates, "groups", is_causal)
+    q_rec, k_rec, v_rec = _replay_inputs(layout, b, n, h)
+    call(q_rec, k_rec, v_rec)
+    assert triton_forward.num_recorded() == 1
+    (launches,) = triton_forward._LAUNCHES.values()
+    pieces = [p for c in plan(h, tuple(segs), tuple(rates), "groups") for p in segment_views(q_rec, c)]
+    assert len(launches) == len(pieces)
+    assert all((x.tma is None) == (layout == "unaligned") for x in launches)
+
+    q, k, v = _replay_inputs(layout, b, n, h)
+    poison = torch.full((b, n, h, 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    poison_lse = torch.full((b, n, h), float("nan"), device="cuda")
+    ptr, ptr_lse = poison.data_ptr(), poison_lse.data_ptr()
+    del poison, poison_lse
+    out, lse = call(q, k, v)
+    assert out.data_ptr() == ptr and lse.data_ptr() == ptr_lse, "allocator did not reuse the poisoned blocks"
+    assert triton_forward.num_recorded() == 1, "same layout: replayed, not recorded again"
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+
+    monkeypatch.setattr(triton_forward, "REPLAY", False)
+    triton_forward.clear_recorded()
+    plain_out, plain_lse = call(q, k, v)
+    assert triton_forward.num_recorded() == 0
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    ref = dilated_attention_reference(q.double(), k.double(), v.double(), segs, rates, is_causal=is_causal)
+    assert rel(out, ref) < 2e-2
+
+
+def test_replay_keys_on_alignment_and_config():
+    # Same shape and strides, base pointers 16-byte aligned or not, causal or not: four
+    # layouts, each with its own launches, each correct.
+    from dilated_ops.kernels import triton_forward
+
+    if not triton_forward.REPLAY:
+        pytest.skip(f"launch replay is off for Triton {triton_forward.triton.__version__}")
+    triton_forward.clear_recorded()
+    b, n, h, d, segs, rates = 1, 1500, 6, 64, [256, 1024], [1, 4]
+    numel = b * n * h * d
+    flat = torch.randn(3, numel + 8, device="cuda", dtype=torch.bfloat16)
+    for start in (8, 1, 8, 1):  # 16 bytes in: aligned; 2 bytes in: not
+        q, k, v = (flat[i, start:start + numel].view(b, n, h, d) for i in range(3))
+        for is_causal in (False, True):
+            out = dilated_ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal)
+            ref = dilated_attention_reference(q.double(), k.double(), v.double(), segs, rates, is_causal=is_causal)
+            assert rel(out, ref) < 2e-2, (start, is_causal)
+    assert triton_forward.num_recorded() == 4
+    info = dilated_ops.get_memory_pool_info()["caches"]["kernels.triton_forward.launches"]
+    assert info["entries"] == 4 and info["tensor_bytes"] == 0
+    dilated_ops.clear_memory_pool()
+    assert triton_forward.num_recorded() == 0

@@ -7,11 +7,16 @@ Takes the pieces of :func:`segments.segment_views` directly: q, k, v, out
 strides with a unit stride on head_dim. One program per (query tile, batch, segment, head).
 CUDA only, float16/bfloat16, head_dim 16..128 (power of two), no dropout: :func:`supported`.
 Imported only when those hold, so CPU installs need no Triton.
+
+A call's launches are recorded per input layout (:func:`layout_key`) and replayed on later calls
+(:func:`replay`): the GPU idles until the host issues the first launch, and Triton's JIT launch
+path and the strided views were most of that host time.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+import threading
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -169,36 +174,155 @@ def _dilated_fwd(
             tl.store(l_base + delta * sln + offs_m * sll, ninf, mask=row_ok)
 
 
+def _launch_args(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: float,
+                 fill: Optional[Tuple[int, int]]):
+    """``(grid, kernel arguments after the five tensors, keyword options, use_tma)`` of one
+    launch over the pieces q, k, v, out, lse (see :func:`forward_into`)."""
+    b, s, length, h, d = q.shape
+    block_m, block_n, warps, stages = CONFIGS[d]
+    rate, offset = fill if fill is not None else (1, 0)
+    grid = (triton.cdiv(length, block_m), b * s * h, 1)
+    use_tma = USE_TMA and all(
+        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:4])
+        for t in (q, k, v)
+    )
+    rest = (
+        *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], *lse.stride(),
+        s, h, length, scale * _LOG2E, out_scale, rate, offset, out.stride(2) // rate, lse.stride(2) // rate,
+    )
+    constexprs = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=is_causal, USE_TMA=use_tma,
+                      FILL=rate > 1)
+    return grid, rest, constexprs, dict(num_warps=warps, num_stages=stages), use_tma
+
+
 def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: float,
-                 fill: Optional[Tuple[int, int]] = None) -> None:
+                 fill: Optional[Tuple[int, int]] = None, bases=None):
     """Attention over each (batch, segment, head) of the 5-D pieces q, k, v; writes
     ``out_scale * softmax(q k^T scale) v`` into ``out`` and the natural-log lse into ``lse``.
 
     ``fill = (rate, offset)``: the pieces are full segments of a branch with that rate and
     offset (out and lse views of the whole sequence); also write 0 / -inf at every other offset
-    of those segments, the positions no branch selects for these heads in groups mode."""
+    of those segments, the positions no branch selects for these heads in groups mode.
+
+    ``bases``: the tensors ``(q, k, v, out, lse)`` the pieces are views of; then the launch is
+    returned as a :class:`Launch` that :func:`replay` repeats on other tensors of the same
+    layout (None when nothing was launched)."""
     b, s, length, h, d = q.shape
     if length == 0 or b * s * h == 0:
-        return
-    block_m, block_n, warps, stages = CONFIGS[d]
-    rate, offset = fill if fill is not None else (1, 0)
-    grid = (triton.cdiv(length, block_m), b * s * h)
-    use_tma = USE_TMA and all(
-        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:4])
-        for t in (q, k, v)
-    )
+        return None
+    grid, rest, constexprs, options, use_tma = _launch_args(q, k, v, out, lse, is_causal, scale, out_scale, fill)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        q_arg = TensorDescriptor.from_tensor(q, [1, 1, block_m, 1, d])
-        k_arg = TensorDescriptor.from_tensor(k, [1, 1, block_n, 1, d])
-        v_arg = TensorDescriptor.from_tensor(v, [1, 1, block_n, 1, d])
+        block_m, block_n = constexprs["BLOCK_M"], constexprs["BLOCK_N"]
+        descs = (
+            TensorDescriptor.from_tensor(q, [1, 1, block_m, 1, d]),
+            TensorDescriptor.from_tensor(k, [1, 1, block_n, 1, d]),
+            TensorDescriptor.from_tensor(v, [1, 1, block_n, 1, d]),
+        )
     else:
-        q_arg, k_arg, v_arg = q, k, v
-    _dilated_fwd[grid](
-        q_arg, k_arg, v_arg, out, lse,
-        *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *out.stride()[:4], *lse.stride(),
-        s, h, length, scale * _LOG2E, out_scale, rate, offset, out.stride(2) // rate, lse.stride(2) // rate,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=is_causal, USE_TMA=use_tma, FILL=rate > 1,
-        num_warps=warps, num_stages=stages,
+        descs = (q, k, v)
+    kernel = _dilated_fwd[grid](*descs, out, lse, *rest, **constexprs, **options)
+    if bases is None or not REPLAY:
+        return None
+    offsets = tuple(t.data_ptr() - base.data_ptr() for t, base in zip((q, k, v, out, lse), bases))
+    tma = tuple((tuple(x.shape), tuple(x.strides), tuple(x.block_shape)) for x in descs) if use_tma else None
+    return Launch(kernel, grid, offsets, tma, rest + tuple(constexprs.values()))
+
+
+# Replaying recorded launches: the host work of a launch through Triton's JIT (binding and
+# specializing 40 arguments, building descriptors, the cache lookup) and of the strided views is
+# done once per input layout; a call then costs a few integer additions per tensor and the
+# compiled kernel's own launcher. Checked against Triton 3.6's launcher (pointers as ints, host
+# descriptors read through .base.data_ptr(), .shape, .strides, .padding); other versions take
+# the plain path every call, as does DILATED_OPS_TRITON_REPLAY=0.
+REPLAY = (
+    os.environ.get("DILATED_OPS_TRITON_REPLAY", "1") != "0"
+    and tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
+)
+_MAX_LAYOUTS = 256
+_LAUNCHES: Dict[tuple, Tuple["Launch", ...]] = {}
+_RECORD_LOCK = threading.Lock()  # lookups need none: a dict read is atomic
+
+
+class Launch(NamedTuple):
+    """One recorded launch: the compiled kernel, its grid, the byte offsets of the q, k, v, out,
+    lse pieces from their base tensors, the q, k, v descriptors' (shape, strides, block) when
+    it loads through TMA, and the remaining arguments (constexprs last, as Triton passes them)."""
+
+    kernel: object
+    grid: Tuple[int, int, int]
+    offsets: Tuple[int, ...]
+    tma: Optional[tuple]
+    rest: tuple
+
+
+class _Address:
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+class _Descriptor:
+    """A host TMA descriptor as Triton's launcher reads it, without TensorDescriptor's checks
+    (made on the recorded launch)."""
+
+    __slots__ = ("base", "shape", "strides", "block_shape")
+    padding = "zero"
+
+    def __init__(self, ptr: int, shape, strides, block_shape):
+        self.base = _Address(ptr)
+        self.shape, self.strides, self.block_shape = shape, strides, block_shape
+
+
+def layout_key(q, k, v, out, lse, *config) -> tuple:
+    """What fixes the launches of a call: shapes, strides, dtype, device, the 16-byte alignment
+    of every base pointer (Triton specializes on it), the tile configuration and ``config``."""
+    d = q.shape[-1]
+    return (
+        q.shape, q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(), q.dtype, q.device.index,
+        q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16, lse.data_ptr() % 16,
+        USE_TMA, CONFIGS.get(d), *config,
     )
+
+
+def recorded(key: tuple) -> Optional[Tuple[Launch, ...]]:
+    """The launches recorded for ``key``; None if none are, or replay is off."""
+    return _LAUNCHES.get(key) if REPLAY else None
+
+
+def record(key: tuple, launches) -> None:
+    """Keep the launches of one call (:func:`forward_into`'s results) for ``key``; the oldest
+    layout goes once ``_MAX_LAYOUTS`` are kept."""
+    if not REPLAY:
+        return
+    with _RECORD_LOCK:
+        if len(_LAUNCHES) >= _MAX_LAYOUTS:
+            _LAUNCHES.pop(next(iter(_LAUNCHES)))
+        _LAUNCHES[key] = tuple(x for x in launches if x is not None)
+
+
+def clear_recorded() -> None:
+    with _RECORD_LOCK:
+        _LAUNCHES.clear()
+
+
+def num_recorded() -> int:
+    return len(_LAUNCHES)
+
+
+def replay(launches: Tuple[Launch, ...], q, k, v, out, lse) -> None:
+    """Repeat ``launches`` (recorded by :func:`forward_into` for tensors of this layout) on
+    q, k, v, out, lse ``(batch, seq, heads, ...)``."""
+    ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
+    stream = triton.runtime.driver.active.get_current_stream(q.device.index)
+    for launch in launches:
+        p = [base + off for base, off in zip(ptrs, launch.offsets)]
+        if launch.tma is not None:
+            for i, (shape, strides, block) in enumerate(launch.tma):
+                p[i] = _Descriptor(p[i], shape, strides, block)
+        launch.kernel[launch.grid](*p, *launch.rest, stream=stream)
