@@ -298,12 +298,13 @@ def recorded(key: tuple) -> Optional[Tuple[Launch, ...]]:
 def record(key: tuple, launches) -> None:
     """Keep the launches of one call (:func:`forward_into`'s results) for ``key``; the oldest
     layout goes once ``_MAX_LAYOUTS`` are kept."""
-    if not REPLAY:
+    launches = tuple(x for x in launches if x is not None)  # None: an empty piece, no launch
+    if not REPLAY or any(x.kernel is None for x in launches):
         return
     with _RECORD_LOCK:
         if len(_LAUNCHES) >= _MAX_LAYOUTS:
             _LAUNCHES.pop(next(iter(_LAUNCHES)))
-        _LAUNCHES[key] = tuple(x for x in launches if x is not None)
+        _LAUNCHES[key] = launches
 
 
 def clear_recorded() -> None:
