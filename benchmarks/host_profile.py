@@ -3,7 +3,7 @@ cProfile of many calls (sorted by own time) and a torch.profiler trace of a few 
 for chrome://tracing, with the time from the call's start to the first kernel launch and to the
 first kernel's start on the GPU.
 
-    python benchmarks/host_profile.py [--n 262144] [--out DIR]
+    python benchmarks/host_profile.py [--n 262144] [--backward] [--out DIR]
 """
 from __future__ import annotations
 
@@ -25,11 +25,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=262144)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--backward", action="store_true", help="forward+backward instead of forward")
     args = ap.parse_args()
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, args.n, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(1, args.n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=args.backward)
+               for _ in range(3))
+    grad = torch.randn(1, args.n, 12, 64, device="cuda", dtype=torch.bfloat16)
 
     def call():
+        if args.backward:
+            dilated_ops.dilated_attention(q, k, v, SEGS, RATES).backward(grad)
+            q.grad = k.grad = v.grad = None
+            return
         with torch.no_grad():
             return dilated_ops.dilated_attention(q, k, v, SEGS, RATES)
 
@@ -53,7 +60,7 @@ def main():
             with record_function("dilated_call"):
                 call()
             torch.cuda.synchronize()
-    p.export_chrome_trace(os.path.join(args.out, "host_profile_trace.json"))
+    p.export_chrome_trace(os.path.join(args.out, "host_profile_trace" + ("_bwd" if args.backward else "") + ".json"))
     ev = p.events()
     calls = sorted(e.time_range.start for e in ev if e.name == "dilated_call")
     launches = sorted(e.time_range.start for e in ev if "LaunchKernel" in e.name)

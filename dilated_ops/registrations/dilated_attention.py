@@ -114,16 +114,21 @@ class _Eager(torch.autograd.Function):
     """Eager calls of :func:`dilated_attention` on plain tensors that need gradients: the op's own
     forward, autograd context and backward kernel without the custom-op dispatch layers, which
     cost host time while the GPU waits (forward+backward at 16K tokens on the H100 machine, per
-    call: 3.54 vs 3.64 ms and 4.03 vs 4.14 ms in two interleaved runs)."""
+    call: 3.54 vs 3.64 ms and 4.03 vs 4.14 ms in two interleaved runs).
+
+    ``forward`` takes ``ctx`` itself (no ``setup_context``): with a ``setup_context``,
+    ``Function.apply`` binds the arguments through ``inspect.signature`` on every call. Only
+    plain eager calls get here (no torch.func transforms, which would need it)."""
 
     @staticmethod
-    def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed, backend):
-        return dilated_attention_forward(
+    def forward(ctx, q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed, backend):
+        output = dilated_attention_forward(
             q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p,
             _seed(dropout_p, seed), backend,
         )
-
-    setup_context = staticmethod(_setup_context)
+        _setup_context(ctx, (q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed,
+                             backend), output)
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
