@@ -3,7 +3,7 @@ positions and heads of SPEC section 2."""
 import pytest
 import torch
 
-from dilated_ops.kernels.segments import from_bhld, head_groups, plan, segment_views, to_bhld
+from dilated_ops.kernels.segments import bhld_views, from_bhld, head_groups, plan, segment_views, to_bhld
 
 from conftest import random_configs
 
@@ -42,3 +42,30 @@ def test_to_bhld_roundtrip_is_a_view():
     t = to_bhld(piece)
     assert t.shape == (2, 3, 16, 8) and t.data_ptr() == x[0, 1, 3].data_ptr()
     assert torch.equal(from_bhld(t, piece), piece)
+
+
+@pytest.mark.parametrize("config", random_configs(30, seed=5), ids=str)
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+@pytest.mark.parametrize("layout", ["contiguous", "fused", "lse"])
+def test_bhld_views_are_to_bhld_of_the_pieces_as_views(config, mode, layout):
+    b, n, h, d, segs, rates = config
+    h = max(h, len(segs))
+    if layout == "contiguous":
+        x = torch.randn(b, n, h, d)
+    elif layout == "fused":  # q sliced out of a (b, n, 3, h, d) projection
+        x = torch.randn(b, n, 3, h, d)[:, :, 1]
+    else:  # the log-sum-exp: no tail dim
+        x = torch.randn(b, n, h)
+    for call in plan(h, tuple(segs), tuple(rates), mode):
+        pieces = segment_views(x, call)
+        views = bhld_views(x, call)
+        merges = b == 1 or n % call.seg_len == 0 or n < call.seg_len
+        assert (views is not None) == merges
+        if views is None:
+            continue
+        assert len(views) == len(pieces)
+        for view, piece in zip(views, pieces):
+            assert torch.equal(view, to_bhld(piece))
+            assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # a view
+            view.add_(1)  # writes land in x exactly where the piece's do
+            assert torch.equal(view, to_bhld(piece))

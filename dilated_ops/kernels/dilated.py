@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import attention
-from .segments import from_bhld, plan, segment_views, to_bhld
+from .segments import bhld_views, from_bhld, plan, segment_views, to_bhld
 
 
 def _dense_last(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,27 @@ def empty_output(q: torch.Tensor) -> torch.Tensor:
 
 def _pieces(call, *tensors):
     return zip(*(segment_views(t, call) for t in tensors))
+
+
+def _bhld_pieces(call, reads, writes):
+    """Per piece of ``call``: ``(reads, writes)``, the ``reads`` tensors as ``(batch*segments,
+    heads, len, *tail)`` views (the layout SDPA takes) and the destinations in ``writes``. Straight
+    views (:func:`segments.bhld_views`) when every piece's batch and segment dims merge; else the
+    reads come through :func:`to_bhld` (copies) and the destinations as 5-D pieces, which
+    :func:`_into` writes through."""
+    direct = [bhld_views(t, call) for t in (*reads, *writes)]
+    if all(views is not None for views in direct):
+        per_piece = zip(*direct)
+    else:
+        per_piece = ((*(to_bhld(p) for p in ps[: len(reads)]), *ps[len(reads):]) for ps in _pieces(call, *reads, *writes))
+    for ps in per_piece:
+        yield ps[: len(reads)], ps[len(reads):]
+
+
+def _into(g: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """A ``(batch*segments, heads, len, *tail)`` result in the shape of ``dst``, a destination
+    from :func:`_bhld_pieces` (a view of that layout already, or a 5-D piece)."""
+    return g if g.dim() == dst.dim() else from_bhld(g, dst)
 
 
 def _groups_triton(triton_fwd, q, k, v, calls, is_causal: bool, scale: float, lse_dtype: torch.dtype, config):
@@ -126,12 +147,10 @@ def dilated_attention_forward(
         out = empty_output(q).zero_()
         lse = torch.empty((b, n, h), dtype=lse_dtype, device=q.device).fill_(float("-inf"))
         for ci, call in enumerate(calls):
-            for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
-                o_b, l_b = attention.forward(
-                    to_bhld(qp), to_bhld(kp), to_bhld(vp), is_causal, scale, dropout_p, seed + 2 * ci + pi
-                )
-                torch.div(from_bhld(o_b, outp), num_branches, out=outp)
-                lsep.copy_(from_bhld(l_b, lsep))
+            for pi, ((qp, kp, vp), (outp, lsep)) in enumerate(_bhld_pieces(call, (q, k, v), (out, lse))):
+                o_b, l_b = attention.forward(qp, kp, vp, is_causal, scale, dropout_p, seed + 2 * ci + pi)
+                torch.div(_into(o_b, outp), num_branches, out=outp)
+                lsep.copy_(_into(l_b, lsep))
         return out, lse
 
     # longnet: every branch's output and lse first, then the softmax-weighted sum.
@@ -139,17 +158,17 @@ def dilated_attention_forward(
     branch_lse = q.new_full((num_branches, b, n, h), float("-inf"), dtype=lse_dtype)
     results = []
     for ci, call in enumerate(calls):
-        for pi, (qp, kp, vp, blsep) in enumerate(_pieces(call, q, k, v, branch_lse[call.branch])):
-            o_b, l_b = attention.forward(
-                to_bhld(qp), to_bhld(kp), to_bhld(vp), is_causal, scale, dropout_p, seed + 2 * ci + pi
-            )
-            blsep.copy_(from_bhld(l_b, blsep))
-            results.append((call, pi, o_b, l_b))
+        for pi, ((qp, kp, vp), (blsep,)) in enumerate(_bhld_pieces(call, (q, k, v), (branch_lse[call.branch],))):
+            o_b, l_b = attention.forward(qp, kp, vp, is_causal, scale, dropout_p, seed + 2 * ci + pi)
+            blsep.copy_(_into(l_b, blsep))
+            results.append((o_b, l_b))
     lse = torch.logsumexp(branch_lse, dim=0)
-    for call, pi, o_b, l_b in results:
-        outp = segment_views(out, call)[pi]
-        weight = torch.exp(l_b - to_bhld(segment_views(lse, call)[pi]))
-        outp.add_(from_bhld(o_b * weight.unsqueeze(-1), outp))
+    results = iter(results)
+    for call in calls:
+        for (lsep,), (outp,) in _bhld_pieces(call, (lse,), (out,)):
+            o_b, l_b = next(results)
+            weight = torch.exp(l_b - lsep)
+            outp.add_(_into(o_b * weight.unsqueeze(-1), outp))
     return out, lse
 
 
@@ -179,18 +198,15 @@ def dilated_attention_backward(
     groups = mode == "groups"
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for ci, call in enumerate(calls):
-        pieces = _pieces(call, q, k, v, out, lse, grad_out, dq, dk, dv)
-        for pi, (qp, kp, vp, outp, lsep, gp, dqp, dkp, dvp) in enumerate(pieces):
+        pieces = _bhld_pieces(call, (grad_out, q, k, v, out, lse), (dq, dk, dv))
+        for pi, ((gp, qp, kp, vp, outp, lsep), dsts) in enumerate(pieces):
             # groups: the branch's own output is G * out (its share of the combine is 1/G);
             # longnet: the combined output with the combined lse (see the module docstring).
-            o_in = to_bhld(outp) * num_branches if groups else to_bhld(outp)
-            grads = attention.backward(
-                to_bhld(gp), to_bhld(qp), to_bhld(kp), to_bhld(vp), o_in, to_bhld(lsep),
-                is_causal, scale, dropout_p, seed + 2 * ci + pi,
-            )
-            for dst, g in zip((dqp, dkp, dvp), grads):
+            o_in = outp * num_branches if groups else outp
+            grads = attention.backward(gp, qp, kp, vp, o_in, lsep, is_causal, scale, dropout_p, seed + 2 * ci + pi)
+            for dst, g in zip(dsts, grads):
                 if groups:
-                    torch.div(from_bhld(g, dst), num_branches, out=dst)
+                    torch.div(_into(g, dst), num_branches, out=dst)
                 else:
-                    dst.add_(from_bhld(g, dst))
+                    dst.add_(_into(g, dst))
     return dq, dk, dv

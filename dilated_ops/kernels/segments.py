@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,6 +91,34 @@ def segment_views(x: torch.Tensor, call: BranchCall) -> List[torch.Tensor]:
         size = (b, 1, len(range(o, rem, r)), nh) + tail
         pieces.append(x.as_strided(size, (sb, w * sn, r * sn, hstep * sh) + st, base + full * w * sn))
     return pieces
+
+
+def bhld_views(x: torch.Tensor, call: BranchCall) -> Optional[List[torch.Tensor]]:
+    """The pieces of :func:`segment_views` already in the layout SDPA takes, ``(batch*segments,
+    heads, len, *tail)``: what :func:`to_bhld` makes of them, one ``as_strided`` each instead of
+    three or four calls (the backward runs nine tensors through this per branch). None when some
+    piece's batch and segment dims do not merge into one stride (batch > 1 with a partial
+    trailing segment), where :func:`to_bhld` would copy."""
+    b, n, h = x.shape[:3]
+    tail = tuple(x.shape[3:])
+    sb, sn, sh = x.stride()[:3]
+    st = tuple(x.stride()[3:])
+    w, r, o = call.seg_len, call.rate, call.offset
+    h0, h1, hstep = call.heads.indices(h)
+    nh = len(range(h0, h1, hstep))
+    base = x.storage_offset() + o * sn + h0 * sh
+    full = n // w
+    views = []
+    if full > 0:
+        if b > 1 and sb != full * w * sn:
+            return None
+        size = (b * full, nh, len(range(o, w, r))) + tail
+        views.append(x.as_strided(size, (w * sn, hstep * sh, r * sn) + st, base))
+    rem = n - full * w
+    if rem > o:
+        size = (b, nh, len(range(o, rem, r))) + tail
+        views.append(x.as_strided(size, (sb, hstep * sh, r * sn) + st, base + full * w * sn))
+    return views
 
 
 def to_bhld(piece: torch.Tensor) -> torch.Tensor:
