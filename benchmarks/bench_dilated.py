@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dilated.py                       # the standard config (H100)
     python benchmarks/bench_dilated.py --seq-lens 262144 524288 1048576 --impls op --modes groups
+    python benchmarks/bench_dilated.py --spread   # + the forward's spread and GPU-only time
 
 Median of CUDA-event timings after warm-up; forward, and forward+backward. TFLOP/s counts
 useful FLOPs only: per branch 4 * heads_used * n * (w / r^2) * head_dim for the forward
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
 
 import dilated_ops  # noqa: E402
-from dilated_ops._bench import measure, set_triton, useful_flops  # noqa: E402  (shared with `dilated-ops bench`)
+from dilated_ops._bench import forward_spread, measure, set_triton, useful_flops  # noqa: E402  (shared with `dilated-ops bench`)
 
 
 def profile(n, b, h, d, segs, rates, dtype, causal):
@@ -54,6 +55,9 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="print the op's kernels (groups, first n)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--spread", action="store_true",
+                    help="also the forward's p10 / median / p90 per call and its GPU-only median (the GPU "
+                         "held busy while the host enqueues), measured first in each row")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_dilated.py needs a CUDA GPU")
@@ -62,6 +66,8 @@ def main(argv=None):
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, batch {b}, heads {h}, "
           f"head_dim {d}, segments {segs}, rates {rates}, causal {args.causal}")
     header = f"| {'n':>8} | {'impl':<22} | {'fwd ms':>8} | {'fwd TF/s':>8} | {'fwd+bwd ms':>10} | {'f+b TF/s':>8} | {'peak GiB':>8} |"
+    if args.spread:
+        header += f" {'fwd p10':>8} | {'fwd p50':>8} | {'fwd p90':>8} | {'fwd GPU':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     if args.profile:
@@ -92,9 +98,11 @@ def main(argv=None):
                     flops = 4 * h * n * n * d / (2 if args.causal else 1)
                     make, params = (lambda: [baselines.dense(q, k, v, args.causal)]), (q, k, v)
                 set_triton(impl != "op-sdpa")  # (same as backend="sdpa")
+                spread = forward_spread(make, args.warmup, args.reps) if args.spread else ()
                 f, fb, peak = measure(make, params, args.warmup, args.reps)
                 set_triton(True)
-                print(f"| {n:>8} | {name:<22} | {f:8.3f} | {flops / f / 1e9:8.1f} | {fb:10.3f} | {3.5 * flops / fb / 1e9:8.1f} | {peak:8.2f} |", flush=True)
+                row = f"| {n:>8} | {name:<22} | {f:8.3f} | {flops / f / 1e9:8.1f} | {fb:10.3f} | {3.5 * flops / fb / 1e9:8.1f} | {peak:8.2f} |"
+                print(row + "".join(f" {t:8.3f} |" for t in spread), flush=True)
                 del make, params
                 torch.cuda.empty_cache()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,9 +39,18 @@ def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def time_ms(fn: Callable[[], object], warmup: int, reps: int, device="cuda") -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+# About 20 ms of GPU sleep: longer than any call's host work, so the call's kernels are all
+# queued before the GPU reaches them.
+_SLEEP_CYCLES = 40_000_000
+
+
+def times_ms(fn: Callable[[], object], warmup: int, reps: int, device="cuda", gpu_only: bool = False) -> List[float]:
+    """Milliseconds of each of ``reps`` runs of ``fn()`` after ``warmup`` runs. ``gpu_only``
+    (CUDA): the GPU is held busy by a sleep kernel while the host enqueues ``fn``, so the time
+    the GPU would wait for the host's first launch drops out and only the kernels' time is left."""
     cuda = _is_cuda(device)
+    if gpu_only and not cuda:
+        raise ValueError(f"gpu_only needs a CUDA device, got device={device!r}")
     for _ in range(warmup):
         fn()
     if cuda:
@@ -50,6 +59,8 @@ def time_ms(fn: Callable[[], object], warmup: int, reps: int, device="cuda") -> 
     for _ in range(reps):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if gpu_only:
+                torch.cuda._sleep(_SLEEP_CYCLES)
             start.record()
             fn()
             end.record()
@@ -59,17 +70,38 @@ def time_ms(fn: Callable[[], object], warmup: int, reps: int, device="cuda") -> 
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def time_ms(fn: Callable[[], object], warmup: int, reps: int, device="cuda") -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+    return statistics.median(times_ms(fn, warmup, reps, device))
+
+
+def _no_grad(make_out: Callable[[], Sequence[torch.Tensor]]) -> Callable[[], None]:
+    def fwd():
+        with torch.no_grad():
+            make_out()
+    return fwd
+
+
+def forward_spread(make_out: Callable[[], Sequence[torch.Tensor]], warmup: int, reps: int,
+                   device="cuda") -> Tuple[float, float, float, Optional[float]]:
+    """(p10, median, p90 ms, median GPU-only ms or None on CPU) of ``make_out()`` without grad:
+    whether a slow median is the host (per call up, GPU-only not) or the GPU (both up)."""
+    if reps < 2:
+        raise ValueError(f"reps must be at least 2 for a spread, got reps={reps}")
+    fwd = _no_grad(make_out)
+    deciles = statistics.quantiles(times_ms(fwd, warmup, reps, device), n=10, method="inclusive")
+    gpu = statistics.median(times_ms(fwd, 1, reps, device, gpu_only=True)) if _is_cuda(device) else None
+    return deciles[0], deciles[4], deciles[8], gpu
 
 
 def measure(make_out: Callable[[], Sequence[torch.Tensor]], params, warmup: int, reps: int,
             device="cuda") -> Tuple[float, float, Optional[float]]:
     """(forward ms, forward+backward ms, peak GiB or None on CPU) of ``make_out()`` -> list of
     outputs. Peak: max allocated during one forward+backward, inputs included."""
-    def fwd():
-        with torch.no_grad():
-            make_out()
-
+    fwd = _no_grad(make_out)
     grads = None
 
     def fwd_bwd():
