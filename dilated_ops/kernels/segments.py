@@ -63,6 +63,18 @@ def plan(
     return tuple(calls)
 
 
+def _geometry(x: torch.Tensor, call: BranchCall):
+    """Of ``x`` ``(batch, seq, heads, *tail)`` and ``call``: batch, the batch / seq strides, the
+    stride between selected heads, their count, the tail's sizes and strides, the storage offset
+    of the first selected element, the number of full segments and the trailing remainder."""
+    b, n, h = x.shape[:3]
+    sb, sn, sh = x.stride()[:3]
+    h0, h1, hstep = call.heads.indices(h)
+    full = n // call.seg_len
+    return (b, sb, sn, hstep * sh, len(range(h0, h1, hstep)), tuple(x.shape[3:]), tuple(x.stride()[3:]),
+            x.storage_offset() + call.offset * sn + h0 * sh, full, n - full * call.seg_len)
+
+
 def segment_views(x: torch.Tensor, call: BranchCall) -> List[torch.Tensor]:
     """Strided views of ``x`` ``(batch, seq, heads, *tail)`` holding the positions and heads
     that ``call`` selects, each ``(batch, segments, selected_len, call_heads, *tail)``.
@@ -73,23 +85,15 @@ def segment_views(x: torch.Tensor, call: BranchCall) -> List[torch.Tensor]:
     and unflattens cost about 25 ATen calls per forward launch, most of the op's host time at
     short sequences.
     """
-    b, n, h = x.shape[:3]
-    tail = tuple(x.shape[3:])
-    sb, sn, sh = x.stride()[:3]
-    st = tuple(x.stride()[3:])
+    b, sb, sn, sh, nh, tail, st, base, full, rem = _geometry(x, call)
     w, r, o = call.seg_len, call.rate, call.offset
-    h0, h1, hstep = call.heads.indices(h)
-    nh = len(range(h0, h1, hstep))
-    base = x.storage_offset() + o * sn + h0 * sh
-    full = n // w
     pieces = []
     if full > 0:
         size = (b, full, len(range(o, w, r)), nh) + tail
-        pieces.append(x.as_strided(size, (sb, w * sn, r * sn, hstep * sh) + st, base))
-    rem = n - full * w
+        pieces.append(x.as_strided(size, (sb, w * sn, r * sn, sh) + st, base))
     if rem > o:
         size = (b, 1, len(range(o, rem, r)), nh) + tail
-        pieces.append(x.as_strided(size, (sb, w * sn, r * sn, hstep * sh) + st, base + full * w * sn))
+        pieces.append(x.as_strided(size, (sb, w * sn, r * sn, sh) + st, base + full * w * sn))
     return pieces
 
 
@@ -99,25 +103,17 @@ def bhld_views(x: torch.Tensor, call: BranchCall) -> Optional[List[torch.Tensor]
     three or four calls (the backward runs nine tensors through this per branch). None when some
     piece's batch and segment dims do not merge into one stride (batch > 1 with a partial
     trailing segment), where :func:`to_bhld` would copy."""
-    b, n, h = x.shape[:3]
-    tail = tuple(x.shape[3:])
-    sb, sn, sh = x.stride()[:3]
-    st = tuple(x.stride()[3:])
+    b, sb, sn, sh, nh, tail, st, base, full, rem = _geometry(x, call)
     w, r, o = call.seg_len, call.rate, call.offset
-    h0, h1, hstep = call.heads.indices(h)
-    nh = len(range(h0, h1, hstep))
-    base = x.storage_offset() + o * sn + h0 * sh
-    full = n // w
     views = []
     if full > 0:
         if b > 1 and sb != full * w * sn:
             return None
         size = (b * full, nh, len(range(o, w, r))) + tail
-        views.append(x.as_strided(size, (w * sn, hstep * sh, r * sn) + st, base))
-    rem = n - full * w
+        views.append(x.as_strided(size, (w * sn, sh, r * sn) + st, base))
     if rem > o:
         size = (b, nh, len(range(o, rem, r))) + tail
-        views.append(x.as_strided(size, (sb, hstep * sh, r * sn) + st, base + full * w * sn))
+        views.append(x.as_strided(size, (sb, sh, r * sn) + st, base + full * w * sn))
     return views
 
 
