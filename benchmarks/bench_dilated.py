@@ -72,11 +72,18 @@ def main(argv=None):
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     if args.profile:
         profile(args.seq_lens[0], b, h, d, segs, rates, dtype, args.causal)
-    for n in args.seq_lens:
+    # Dense rows run after all others: on the H100 the first timings after dense's long
+    # full-load calls ran up to 0.5 ms slower per call at 256K (GPU-only time unchanged), which
+    # charged whatever row came next (benchmarks/RESULTS.md, 2026-11-27 sixth session).
+    others = [i for i in args.impls if i != "dense"]
+    dense_last = [(n, others) for n in args.seq_lens] + [
+        (n, ["dense"]) for n in args.seq_lens if "dense" in args.impls and n <= args.dense_max]
+    for n, impls in dense_last:
+        if not impls:
+            continue
         torch.manual_seed(0)
         q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-        rows = []
-        for impl in args.impls:
+        for impl in impls:
             for mode in args.modes:
                 if not impl.startswith("op") and mode != "groups":
                     continue

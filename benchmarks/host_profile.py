@@ -13,10 +13,14 @@ import io
 import os
 import pstats
 import statistics
+import sys
 
 import torch
 
 import dilated_ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
 
 SEGS, RATES = [2048, 4096, 8192], [1, 2, 4]
 
@@ -53,24 +57,36 @@ def main():
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
     print(s.getvalue())
 
+    trace = os.path.join(args.out, "host_profile_trace" + ("_bwd" if args.backward else "") + ".json")
+    first_kernel("op", call, trace)
+    if not args.backward:
+        batches = baselines.pregather(q, k, v, SEGS, RATES)
+        first_kernel("SDPA, pre-gathered (floor)", lambda: baselines.pregathered(batches), None)
+
+
+def first_kernel(name, call, trace):
+    """Prints the time from the call's start to its first launch API call and to its first
+    kernel on the GPU (torch.profiler, which adds its own per-op cost to both)."""
     from torch.profiler import ProfilerActivity, profile, record_function
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        for _ in range(10):
+        for _ in range(20):
             torch.cuda.synchronize()
-            with record_function("dilated_call"):
+            with torch.no_grad(), record_function("dilated_call"):
                 call()
             torch.cuda.synchronize()
-    p.export_chrome_trace(os.path.join(args.out, "host_profile_trace" + ("_bwd" if args.backward else "") + ".json"))
+    if trace:
+        p.export_chrome_trace(trace)
     ev = p.events()
-    calls = sorted(e.time_range.start for e in ev if e.name == "dilated_call")
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    calls = sorted(e.time_range.start for e in ev if e.name == "dilated_call" and e.device_type == cpu)
     launches = sorted(e.time_range.start for e in ev if "LaunchKernel" in e.name)
-    kernels = sorted(e.time_range.start for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = sorted(e.time_range.start for e in ev if e.device_type == cuda and e.name != "dilated_call")
     to_launch, to_kernel = [], []
     for c in calls:
         to_launch.append(min(t for t in launches if t >= c) - c)
         to_kernel.append(min(t for t in kernels if t >= c) - c)
-    print(f"call start -> first launch API: median {statistics.median(to_launch):.1f} us {to_launch}")
-    print(f"call start -> first kernel on GPU: median {statistics.median(to_kernel):.1f} us {to_kernel}")
+    print(f"{name}: call start -> first launch API: median {statistics.median(to_launch):.1f} us, "
+          f"-> first kernel on GPU: median {statistics.median(to_kernel):.1f} us (of {len(calls)} calls)")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ CACHES: Dict[str, Cache] = {
         entries=_recorded_launches,
         tensor_bytes=lambda: 0,  # offsets, strides and compiled-kernel handles, no tensors
         clear=_clear_recorded_launches,
-        holds="Triton forward launches recorded per input layout (shapes, strides, alignment, config): Python data",
+        holds="Triton forward launches recorded per input layout (shapes, strides, alignment, config), with the "
+              "C launcher's arguments for up to 16 sets of base pointers each (host TMA descriptors): Python data",
     ),
 }
 

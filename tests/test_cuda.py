@@ -205,7 +205,9 @@ def test_replayed_launches_match_the_plain_launches(layout, b, n, h, segs, rates
     q_rec, k_rec, v_rec = _replay_inputs(layout, b, n, h)
     call(q_rec, k_rec, v_rec)
     assert triton_forward.num_recorded() == 1
-    (launches,) = triton_forward._LAUNCHES.values()
+    (rec,) = triton_forward._LAUNCHES.values()
+    launches = rec.launches
+    assert rec.direct is not None, "Triton 3.6: replays go straight to the C launcher"
     pieces = [p for c in plan(h, tuple(segs), tuple(rates), "groups") for p in segment_views(q_rec, c)]
     assert len(launches) == len(pieces)
     assert all((x.tma is None) == (layout == "unaligned") for x in launches)
@@ -219,6 +221,13 @@ def test_replayed_launches_match_the_plain_launches(layout, b, n, h, segs, rates
     assert out.data_ptr() == ptr and lse.data_ptr() == ptr_lse, "allocator did not reuse the poisoned blocks"
     assert triton_forward.num_recorded() == 1, "same layout: replayed, not recorded again"
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert len(rec.ready) == 1, "one argument set per set of base pointers"
+    first = out.clone(), lse.clone()
+    out.fill_(float("nan")), lse.fill_(float("nan"))
+    del out, lse
+    out, lse = call(q, k, v)  # the same blocks again: the argument set built above
+    assert (out.data_ptr(), lse.data_ptr()) == (ptr, ptr_lse) and len(rec.ready) == 1
+    assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
 
     monkeypatch.setattr(triton_forward, "REPLAY", False)
     triton_forward.clear_recorded()
@@ -227,6 +236,33 @@ def test_replayed_launches_match_the_plain_launches(layout, b, n, h, segs, rates
     assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
     ref = dilated_attention_reference(q.double(), k.double(), v.double(), segs, rates, is_causal=is_causal)
     assert rel(out, ref) < 2e-2
+
+
+def test_replay_calls_triton_launch_hooks():
+    # A launch hook (a profiler such as proton) must see every replayed launch: with one set,
+    # replays take Triton's launch path instead of the C launcher, with the same results.
+    from dilated_ops.kernels import triton_forward
+
+    if not triton_forward.REPLAY:
+        pytest.skip(f"launch replay is off for Triton {triton_forward.triton.__version__}")
+    triton_forward.clear_recorded()
+    q, k, v = _replay_inputs("contiguous", 2, 1000, 6)
+    segs, rates = [128, 512], [1, 4]
+    direct = [dilated_ops.dilated_attention(q, k, v, segs, rates) for _ in range(2)][-1]
+    (rec,) = triton_forward._LAUNCHES.values()
+    seen = []
+    hooks = triton_forward.triton.knobs.runtime.launch_enter_hook  # Triton 3.6: a HookChain
+    hook = lambda metadata: seen.append(metadata.get()["name"])
+    hooks.add(hook)
+    try:
+        hooked = dilated_ops.dilated_attention(q, k, v, segs, rates)
+    finally:
+        hooks.remove(hook)
+    assert seen == ["_dilated_fwd"] * len(rec.launches)
+    assert torch.equal(hooked, direct)
+    seen.clear()
+    dilated_ops.dilated_attention(q, k, v, segs, rates)
+    assert seen == []
 
 
 def test_replay_keys_on_alignment_and_config():

@@ -99,9 +99,9 @@ def _groups_triton(triton_fwd, q, k, v, calls, is_causal: bool, scale: float, ls
             out[:, tail:, call.heads].zero_()
             lse[:, tail:, call.heads].fill_(float("-inf"))
     key = triton_fwd.layout_key(q, k, v, out, lse, is_causal, scale, *config)
-    launches = triton_fwd.recorded(key)
-    if launches is not None:
-        triton_fwd.replay(launches, q, k, v, out, lse)
+    recorded = triton_fwd.recorded(key)
+    if recorded is not None:
+        triton_fwd.replay(recorded, q, k, v, out, lse)
         return out, lse
     launches = []
     for call in calls:

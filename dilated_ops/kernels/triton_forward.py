@@ -9,14 +9,15 @@ CUDA only, float16/bfloat16, head_dim 16..128 (power of two), no dropout: :func:
 Imported only when those hold, so CPU installs need no Triton.
 
 A call's launches are recorded per input layout (:func:`layout_key`) and replayed on later calls
-(:func:`replay`): the GPU idles until the host issues the first launch, and Triton's JIT launch
-path and the strided views were most of that host time.
+(:func:`replay`) through the compiled kernel's C launcher: the GPU idles until the host issues the
+first launch, and Triton's JIT and Python launch paths and the strided views were most of that
+host time.
 """
 from __future__ import annotations
 
 import os
 import threading
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -232,16 +233,21 @@ def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: fl
 
 # Replaying recorded launches: the host work of a launch through Triton's JIT (binding and
 # specializing 40 arguments, building descriptors, the cache lookup) and of the strided views is
-# done once per input layout; a call then costs a few integer additions per tensor and the
-# compiled kernel's own launcher. Checked against Triton 3.6's launcher (pointers as ints, host
-# descriptors read through .base.data_ptr(), .shape, .strides, .padding); other versions take
-# the plain path every call, as does DILATED_OPS_TRITON_REPLAY=0.
+# done once per input layout. Each launch then goes straight to the compiled kernel's C launcher
+# with its final arguments, built once per set of base pointers (and stream): Triton's Python
+# launch path (launch metadata, scratch closures, one cuTensorMapEncode per TMA descriptor) cost
+# 23 us per launch on the H100 machine's host, and the GPU waits for the first. Checked against
+# Triton 3.6's launcher (pointers as ints, host descriptors read through .base.data_ptr(), .shape,
+# .strides, .padding; the C launcher's leading arguments); other versions take the plain path every
+# call, as does DILATED_OPS_TRITON_REPLAY=0. With a launch hook set (a profiler such as proton),
+# replays go through Triton's launch path, which calls it.
 REPLAY = (
     os.environ.get("DILATED_OPS_TRITON_REPLAY", "1") != "0"
     and tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 )
 _MAX_LAYOUTS = 256
-_LAUNCHES: Dict[tuple, Tuple["Launch", ...]] = {}
+_MAX_POINTER_SETS = 16  # per layout: the argument tuples of the last few calls' base pointers
+_LAUNCHES: Dict[tuple, "Recorded"] = {}
 _RECORD_LOCK = threading.Lock()  # lookups need none: a dict read is atomic
 
 
@@ -255,6 +261,54 @@ class Launch(NamedTuple):
     offsets: Tuple[int, ...]
     tma: Optional[tuple]
     rest: tuple
+
+
+class Direct(NamedTuple):
+    """A compiled kernel's C launcher and what it takes besides the stream and the kernel's own
+    arguments; ``expand`` turns those into the C launcher's (host descriptors into CUtensorMaps)."""
+
+    launch: Callable
+    expand: Callable
+    head: tuple  # (grid x, y, z)
+    tail: tuple  # function .. launch exit hook: the C launcher's arguments after the stream
+
+
+class Recorded:
+    """The launches of one layout, their direct launchers (None where Triton's launcher is not
+    the one this module knows) and the C launchers' argument tuples per (stream, base pointers)."""
+
+    __slots__ = ("launches", "direct", "ready")
+
+    def __init__(self, launches: Tuple[Launch, ...]):
+        self.launches = launches
+        direct = tuple(_direct(x.kernel, x.grid) for x in launches)
+        self.direct = direct if all(d is not None for d in direct) else None
+        self.ready: Dict[tuple, tuple] = {}
+
+
+def _direct(kernel, grid) -> Optional[Direct]:
+    """The C launcher behind ``kernel[grid](...)`` (Triton 3.6's ``CudaLauncher``), or None."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+
+        launcher = kernel.run
+        if launcher.global_scratch_size or launcher.profile_scratch_size:
+            return None  # scratch is allocated per launch
+        expand = nvidia.wrap_handle_tensordesc(_identity, kernel.src.signature,
+                                               getattr(kernel.metadata, "tensordesc_meta", None))
+        c_launch = launcher.launch
+        if expand is not _identity:  # Triton wrapped its C launcher to expand the descriptors
+            cells = dict(zip(c_launch.__code__.co_freevars, (c.cell_contents for c in c_launch.__closure__)))
+            c_launch = cells["launcher"]
+        tail = (kernel.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
+                kernel.packed_metadata, None, None, None)
+        return Direct(c_launch, expand, tuple(grid), tail)
+    except (AttributeError, KeyError, TypeError, ImportError):
+        return None
+
+
+def _identity(*args):
+    return args
 
 
 class _Address:
@@ -290,7 +344,7 @@ def layout_key(q, k, v, out, lse, *config) -> tuple:
     )
 
 
-def recorded(key: tuple) -> Optional[Tuple[Launch, ...]]:
+def recorded(key: tuple) -> Optional[Recorded]:
     """The launches recorded for ``key``; None if none are, or replay is off."""
     return _LAUNCHES.get(key) if REPLAY else None
 
@@ -301,10 +355,11 @@ def record(key: tuple, launches) -> None:
     launches = tuple(x for x in launches if x is not None)  # None: an empty piece, no launch
     if not REPLAY or any(x.kernel is None for x in launches):
         return
+    rec = Recorded(launches)
     with _RECORD_LOCK:
         if len(_LAUNCHES) >= _MAX_LAYOUTS:
             _LAUNCHES.pop(next(iter(_LAUNCHES)))
-        _LAUNCHES[key] = launches
+        _LAUNCHES[key] = rec
 
 
 def clear_recorded() -> None:
@@ -316,14 +371,46 @@ def num_recorded() -> int:
     return len(_LAUNCHES)
 
 
-def replay(launches: Tuple[Launch, ...], q, k, v, out, lse) -> None:
-    """Repeat ``launches`` (recorded by :func:`forward_into` for tensors of this layout) on
-    q, k, v, out, lse ``(batch, seq, heads, ...)``."""
+def _kernel_args(launch: Launch, ptrs) -> list:
+    """``launch``'s kernel arguments for base pointers ``ptrs`` (q, k, v, out, lse)."""
+    p = [base + off for base, off in zip(ptrs, launch.offsets)]
+    if launch.tma is not None:
+        for i, (shape, strides, block) in enumerate(launch.tma):
+            p[i] = _Descriptor(p[i], shape, strides, block)
+    return [*p, *launch.rest]
+
+
+def _hook_set(hook) -> bool:
+    # Triton 3.6 keeps each launch hook as a HookChain (its ``calls`` empty when none is added);
+    # a plain callable assigned in its place counts as set.
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if isinstance(calls, list) else hook is not None
+
+
+def _hooked() -> bool:
+    rt = triton.knobs.runtime
+    return _hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook)
+
+
+def replay(rec: Recorded, q, k, v, out, lse) -> None:
+    """Repeat the launches of ``rec`` (recorded by :func:`forward_into` for tensors of this
+    layout) on q, k, v, out, lse ``(batch, seq, heads, ...)``."""
     ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
     stream = triton.runtime.driver.active.get_current_stream(q.device.index)
-    for launch in launches:
-        p = [base + off for base, off in zip(ptrs, launch.offsets)]
-        if launch.tma is not None:
-            for i, (shape, strides, block) in enumerate(launch.tma):
-                p[i] = _Descriptor(p[i], shape, strides, block)
-        launch.kernel[launch.grid](*p, *launch.rest, stream=stream)
+    if rec.direct is None or _hooked():
+        for launch in rec.launches:
+            launch.kernel[launch.grid](*_kernel_args(launch, ptrs), stream=stream)
+        return
+    ready = rec.ready.get((stream, ptrs))
+    if ready is None:
+        # A descriptor encodes its base pointer, shape and strides; the layout fixes the latter
+        # two, so the arguments built here hold for any later call with these pointers.
+        ready = tuple(
+            (d.launch, d.expand(*d.head, stream, *d.tail, *_kernel_args(launch, ptrs)))
+            for launch, d in zip(rec.launches, rec.direct)
+        )
+        if len(rec.ready) >= _MAX_POINTER_SETS:
+            rec.ready.pop(next(iter(rec.ready)), None)
+        rec.ready[(stream, ptrs)] = ready
+    for c_launch, args in ready:
+        c_launch(*args)
