@@ -76,9 +76,9 @@ def main(argv=None):
     # full-load calls ran up to 0.5 ms slower per call at 256K (GPU-only time unchanged), which
     # charged whatever row came next (benchmarks/RESULTS.md, 2026-11-27 sixth session).
     others = [i for i in args.impls if i != "dense"]
-    dense_last = [(n, others) for n in args.seq_lens] + [
+    jobs = [(n, others) for n in args.seq_lens] + [
         (n, ["dense"]) for n in args.seq_lens if "dense" in args.impls and n <= args.dense_max]
-    for n, impls in dense_last:
+    for n, impls in jobs:
         if not impls:
             continue
         torch.manual_seed(0)
