@@ -1,10 +1,12 @@
 """dilated_ops: LongNet dilated attention as torch.compile- and torch.export-clean custom ops.
 
-Importing this package registers the ``torch.ops.dilated`` namespace. Layers: the API
-(``config``, ``factory``, ``modules``, ``long_net``, ``memory``, ``module_swap``, ``symbolic``) calls ``registrations`` (the
-ops), which call ``kernels``; nothing imports upward.
+Importing this package registers the ``torch.ops.dilated`` namespace. Layers, each importing
+only those below it: the API (``functional``, ``config``, ``factory``, ``modules``, ``long_net``,
+``memory``, ``module_swap``, ``symbolic``, ``cli``); the graph passes (``fx_passes``); the variant
+table and the attention block (``variants``, ``attention_block``); the ops (``registrations``);
+the math (``kernels``).
 """
-from .registrations import dilated_attention
+from .functional import dilated_attention
 from .config import DilatedAttentionConfig, MultiheadConfig
 from .modules import (
     DilatedAttention,
@@ -17,7 +19,7 @@ from .modules import (
 from .factory import create_dilated_attention, create_multihead_dilated_attention
 from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
 from .memory import clear_memory_pool, get_memory_pool_info
-from .fx_passes import RewriteReport, backend, rewrite_exported
+from .fx_passes import RewriteConfig, RewriteReport, backend, rewrite_exported
 from .module_swap import ConvertedMultiheadAttention, convert, export
 from .symbolic import rewrite_symbolic
 
@@ -41,6 +43,7 @@ __all__ = [
     "get_memory_pool_info",
     "clear_memory_pool",
     "backend",
+    "RewriteConfig",
     "RewriteReport",
     "rewrite_exported",
     "convert",

@@ -1,7 +1,6 @@
-"""``create_dilated_attention`` / ``create_multihead_dilated_attention`` (the v0.2.0 factory)
-and the capability table, as data: the classes each name (and each "auto" choice) builds, the
-NotImplementedError texts of what is not built, and the README's table
-(:func:`implementations_table`; a test keeps the README in step).
+"""``create_dilated_attention`` / ``create_multihead_dilated_attention`` (the v0.2.0 factory).
+What each name builds, and what "auto" picks, is the variant table (:mod:`dilated_ops.variants`);
+this file turns options into configs and configs into modules.
 
 Options come as keywords or as config objects (``attention_config=``,
 ``multihead_config=``); keywords override the config's fields. Unknown keywords, and
@@ -10,79 +9,13 @@ multi-head keywords given to ``create_dilated_attention``, are errors naming the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from . import _checks, _env
+from . import _checks, modules, variants
 from .config import DilatedAttentionConfig, MultiheadConfig, check_heads_cover_groups, field_names
-from .modules import (
-    DilatedAttention,
-    ImprovedDilatedAttention,
-    ImprovedMultiheadDilatedAttention,
-    MultiheadDilatedAttention,
-    RingDilatedAttention,
-    RingMultiheadDilatedAttention,
-)
-
-# "auto" picks "ring" above this declared sequence length (max_seq_len=). In one process ring
-# computes what improved computes; the threshold marks where sharding the sequence over
-# devices (ring across processes, not built yet) is what one would want: a million tokens.
-RING_MIN_SEQ_LEN = 1_000_000
-
-
-@dataclass(frozen=True)
-class Implementation:
-    """One row of the capability table. ``missing`` is set when the capability is not built:
-    the factory then raises NotImplementedError with that text (never a silent fallback)."""
-
-    name: str
-    summary: str
-    runs_on: str
-    dilated: Optional[type] = None
-    multihead: Optional[type] = None
-    missing: Optional[str] = None
-
-
-IMPLEMENTATIONS: Dict[str, Implementation] = {
-    impl.name: impl
-    for impl in (
-        Implementation(
-            "standard",
-            "PyTorch's own attention kernels on strided segment views (op backend='sdpa')",
-            "CPU and CUDA; float32, float64; float16/bfloat16 on CUDA; any head_dim",
-            DilatedAttention, MultiheadDilatedAttention,
-        ),
-        Implementation(
-            "improved",
-            "the fastest kernel we have for the device (op backend='auto'); elsewhere as standard",
-            "as standard, plus our Triton forward for CUDA (sm80+) float16/bfloat16, head_dim 64, "
-            "groups mode, no dropout",
-            ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention,
-        ),
-        Implementation(
-            "ring",
-            "one process: the same op as improved (SPEC section 5: ring result = plain result)",
-            "as improved, in one process; NotImplementedError in a process group of world size > 1",
-            RingDilatedAttention, RingMultiheadDilatedAttention,
-        ),
-        Implementation(
-            "distributed",
-            "LongNet's sequence-parallel attention across processes",
-            "not built",
-            missing="distributed: sequence-parallel dilated attention across processes (SPEC section 5) "
-            "is not built yet",
-        ),
-        Implementation(
-            "block_sparse",
-            "block-sparse attention",
-            "not built",
-            missing="block_sparse: block-sparse attention (SPEC section 4) is not built yet",
-        ),
-    )
-}
-NAMES = ("auto",) + tuple(IMPLEMENTATIONS)
+from .variants import NAMES, RING_MIN_SEQ_LEN, choose as choose_implementation  # noqa: F401 (v0.2.0-era names)
 
 _ATTENTION_FIELDS = field_names(DilatedAttentionConfig)
 _MULTIHEAD_FIELDS = field_names(MultiheadConfig)
@@ -90,31 +23,11 @@ _MULTIHEAD_ONLY = _MULTIHEAD_FIELDS + ("multihead_config", "device", "dtype")
 
 
 def implementations_table() -> str:
-    """The capability table as Markdown (the README's copy is checked against it)."""
-    rows = ["| name | what it runs | where |", "| --- | --- | --- |"]
-    rows += [f"| `{i.name}` | {i.summary} | {i.runs_on} |" for i in IMPLEMENTATIONS.values()]
-    return "\n".join(rows)
+    """The README's table of implementations (:func:`dilated_ops.variants.markdown_table`)."""
+    return variants.markdown_table()
 
 
-def choose_implementation(max_seq_len: Optional[int] = None, device=None) -> Tuple[str, str]:
-    """What "auto" picks, and why: distributed when a process group of world size > 1 is
-    initialized; ring when the declared ``max_seq_len`` exceeds :data:`RING_MIN_SEQ_LEN`;
-    improved on CUDA (``device`` if given, else whether CUDA is available); standard otherwise."""
-    world = _env.distributed_world_size()
-    if world > 1:
-        return "distributed", f"auto: a torch.distributed process group of world size {world} is initialized"
-    if max_seq_len is not None and max_seq_len > RING_MIN_SEQ_LEN:
-        return "ring", f"auto: max_seq_len={max_seq_len} > {RING_MIN_SEQ_LEN}"
-    if device is not None:
-        if torch.device(device).type == "cuda":
-            return "improved", f"auto: device={str(device)!r} is CUDA"
-        return "standard", f"auto: device={str(device)!r} is not CUDA, where improved runs standard's kernels"
-    if _env.cuda_available():
-        return "improved", "auto: CUDA is available"
-    return "standard", "auto: no CUDA device, where improved runs standard's kernels"
-
-
-def _resolve(attention_type, max_seq_len, device) -> Tuple[Implementation, str]:
+def _resolve(attention_type, max_seq_len, device) -> Tuple[variants.Variant, str]:
     if attention_type not in NAMES:
         names = ", ".join(map(repr, NAMES))
         raise ValueError(f"attention_type must be one of {names}: got {attention_type!r}")
@@ -124,10 +37,10 @@ def _resolve(attention_type, max_seq_len, device) -> Tuple[Implementation, str]:
         name, reason = choose_implementation(max_seq_len, device)
     else:
         name, reason = attention_type, "requested by name"
-    impl = IMPLEMENTATIONS[name]
-    if impl.missing:
-        raise NotImplementedError(impl.missing + ("" if attention_type != "auto" else f" ({reason})"))
-    return impl, reason
+    variant = variants.VARIANTS[name]
+    if not variant.built:
+        raise NotImplementedError(variant.missing + ("" if attention_type != "auto" else f" ({reason})"))
+    return variant, reason
 
 
 def _build_config(cls, base, overrides: dict, base_name: str, caller: str):
@@ -183,8 +96,8 @@ def create_dilated_attention(
     if unknown:
         raise _unknown(caller, unknown, _ATTENTION_FIELDS + ("attention_config", "max_seq_len"))
     config = _build_config(DilatedAttentionConfig, attention_config, kwargs, "attention_config", caller)
-    impl, reason = _resolve(attention_type, max_seq_len, None)
-    return _mark(impl.dilated(**dataclasses.asdict(config)), reason)
+    variant, reason = _resolve(attention_type, max_seq_len, None)
+    return _mark(getattr(modules, variant.module)(**dataclasses.asdict(config)), reason)
 
 
 def create_multihead_dilated_attention(
@@ -222,8 +135,8 @@ def create_multihead_dilated_attention(
         {k: v for k, v in kwargs.items() if k in _ATTENTION_FIELDS}, "attention_config", caller,
     )
     check_heads_cover_groups(mh, att)
-    impl, reason = _resolve(attention_type, max_seq_len, device)
-    module = impl.multihead(
+    variant, reason = _resolve(attention_type, max_seq_len, device)
+    module = getattr(modules, variant.multihead_module)(
         **dataclasses.asdict(mh), **dataclasses.asdict(att), device=device, dtype=dtype
     )
     return _mark(module, reason)

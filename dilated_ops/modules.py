@@ -1,13 +1,11 @@
-"""The v0.2.0 attention modules, thin over ``torch.ops.dilated.dilated_attention``: each forward
-is one op call, so ``torch.compile`` and ``torch.export`` see one node per attention call.
+"""The v0.2.0 attention modules, thin over the ``dilated`` ops: each forward is one op call, so
+``torch.compile`` and ``torch.export`` see one node per attention call.
 
-Implementations (same math, groups mode by default; see ``factory.IMPLEMENTATIONS``):
-- standard (``DilatedAttention``, ``MultiheadDilatedAttention``): PyTorch's own attention
-  kernels (the op's ``backend="sdpa"``);
-- improved (``Improved*``): the fastest kernel we have for the device (``backend="auto"``: our
-  Triton forward where it measured faster, else the same kernels as standard);
-- ring (``Ring*``): in one process, the same op as improved (SPEC section 5: the ring result
-  equals the plain one); across processes not built yet (NotImplementedError).
+Each class names its row of the variant table (``implementation``, :mod:`dilated_ops.variants`),
+whose op arguments it passes: standard (``DilatedAttention``, ``MultiheadDilatedAttention``),
+improved (``Improved*``), ring (``Ring*``: in one process the op of improved, SPEC section 5;
+across processes not built yet, NotImplementedError). The multihead modules run the attention
+block of :mod:`dilated_ops.attention_block`.
 
 The modules hold no buffers: the index math is strided views computed per call.
 """
@@ -18,23 +16,29 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _env
+from . import _env, variants
+from .attention_block import attention_block
 from .config import DilatedAttentionConfig, MultiheadConfig, check_heads_cover_groups
-from .registrations.dilated_attention import dilated_attention
+from .functional import dilated_attention
 
 _DIRECT = "constructed directly"
 
 
 class DilatedAttention(nn.Module):
-    """Dilated attention of q, k, v ``(batch, seq, heads, head_dim)``; returns
-    ``(batch, seq, heads, head_dim)``. Implementation "standard": PyTorch's attention kernels.
+    """Dilated attention of q, k, v ``(batch, seq, heads, head_dim)`` (see
+    :func:`dilated_ops.dilated_attention` for the pattern). Implementation "standard":
+    PyTorch's attention kernels.
 
-    ``dropout`` applies in training mode only; ``mode`` "groups" (v0.2.0's numerics) or
-    "longnet"; ``use_tf32`` is recorded only (see :class:`DilatedAttentionConfig`).
+    Args:
+        segment_lengths, dilation_rates: the branches ``(w_i, r_i)``.
+        dropout: attention-probability dropout, in training mode only.
+        use_tf32: recorded only (see :class:`DilatedAttentionConfig`).
+        mode: "groups" (v0.2.0's numerics) or "longnet".
+
+    ``forward(query, key, value, is_causal=False)`` returns ``(batch, seq, heads, head_dim)``.
     """
 
     implementation = "standard"
-    backend = "sdpa"
 
     def __init__(
         self,
@@ -51,7 +55,13 @@ class DilatedAttention(nn.Module):
         self.dilation_rates = list(self.config.dilation_rates)
         self.dropout = self.config.dropout
         self.mode = self.config.mode
+        self.op_kwargs = variants.get(self.implementation).op_kwargs
         self.selection_reason = _DIRECT
+
+    @property
+    def backend(self) -> str:
+        """The op's ``backend`` argument this module passes (from its variant's row)."""
+        return self.op_kwargs.get("backend")
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool = False,
@@ -64,7 +74,7 @@ class DilatedAttention(nn.Module):
             )
         return dilated_attention(
             query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
-            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, **self.op_kwargs,
         )
 
     def extra_repr(self) -> str:
@@ -81,7 +91,6 @@ class ImprovedDilatedAttention(DilatedAttention):
     ``backend="auto"``); where we have none faster, the same kernels as "standard"."""
 
     implementation = "improved"
-    backend = "auto"
 
 
 def _check_single_process(owner: str) -> None:
@@ -221,19 +230,11 @@ class MultiheadDilatedAttention(nn.Module):
                 f"{tuple(attn_mask.shape)}; use is_causal=True for causal masking"
             )
         self._check_inputs(query, key, value)
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        heads = (self.num_heads, self.head_dim)
-        q = self.q_proj(query).unflatten(-1, heads)  # (batch, seq, heads, head_dim)
-        k = self.k_proj(key).unflatten(-1, heads)
-        v = self.v_proj(value).unflatten(-1, heads)
-        x = self.attention(q, k, v, is_causal=is_causal).flatten(2)  # (batch, seq, embed_dim)
-        if self.norm is not None:
-            x = self.norm(x)
-        x = self.out_proj(x)
-        if not self.batch_first:
-            x = x.transpose(0, 1)
-        return x, None
+        return attention_block(
+            query, key, value, lambda q, k, v: (self.q_proj(q), self.k_proj(k), self.v_proj(v)),
+            lambda q, k, v: self.attention(q, k, v, is_causal=is_causal), self.out_proj, self.num_heads,
+            self.head_dim, seq_first=not self.batch_first, norm=self.norm,
+        ), None
 
     def extra_repr(self) -> str:
         m = self.multihead_config

@@ -12,16 +12,15 @@ original's place under the same path, so the graph keeps its nodes and ``state_d
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch.fx
 from torch import nn
 
-from .fx_passes.backend import make_target
-from .fx_passes.mha import weights_output_problem
-from .fx_passes.report import Decider, Entry, RewriteRefused, RewriteReport
+from .fx_passes import Decider, RewriteConfig, RewriteReport
+from .fx_passes.refusals import mha_call_problem, weights_output_problem
 from .fx_passes.sdpa import rewrite_sdpa
-from .module_swap import KIND, ConvertedMultiheadAttention, convert, mha_problem
+from .module_swap import KIND, ConvertedMultiheadAttention, mha_problem, swap_modules
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -33,23 +32,15 @@ def _call_problem(node: torch.fx.Node) -> Optional[str]:
         return f"arguments do not bind: {err}"
     bound.apply_defaults()
     a = bound.arguments
-    if a["need_weights"] is not False:
-        return "need_weights is not False (MHA's default is True; the dilated op returns no weights)"
-    if a["key_padding_mask"] is not None:
-        return "key_padding_mask is not supported by dilated attention"
-    if not isinstance(a["is_causal"], bool):
-        return f"is_causal {a['is_causal']!r} is not a Python bool"
-    if a["attn_mask"] is not None and not a["is_causal"]:
-        return "attn_mask without is_causal=True (an arbitrary mask) is not supported"
-    return weights_output_problem(node)
+    return (mha_call_problem(a["need_weights"], a["key_padding_mask"], a["attn_mask"], a["is_causal"])
+            or weights_output_problem(node))
 
 
-def _convert_inside_leaves(gm, segment_lengths, dilation_rates, mode, implementation, select, strict,
-                           report: RewriteReport) -> None:
+def _convert_inside_leaves(gm: torch.fx.GraphModule, decider: Decider) -> None:
     """Leaf modules of symbolic tracing (every ``torch.nn`` module, e.g. an
     ``nn.TransformerEncoder`` inside a model) hide their ``nn.MultiheadAttention`` calls in one
-    ``call_module`` node: those MHAs are swapped by :func:`dilated_ops.convert`, whose calls the
-    leaf's own code makes (what only a call shows raises ValueError at forward)."""
+    ``call_module`` node: those MHAs are swapped as :func:`dilated_ops.convert` does, whose calls
+    the leaf's own code makes (what only a call shows raises ValueError at forward)."""
     done = set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target in done:
@@ -59,78 +50,68 @@ def _convert_inside_leaves(gm, segment_lengths, dilation_rates, mode, implementa
                 isinstance(m, nn.MultiheadAttention) for m in leaf.modules()):
             continue
         done.add(node.target)
-        prefix = node.target + "."
-        _, sub = convert(leaf, segment_lengths, dilation_rates, mode, implementation,
-                         select=None if select is None else (lambda name: select(prefix + name)), strict=strict)
-        for mine, theirs in ((report.rewritten, sub.rewritten), (report.refused, sub.refused),
-                             (report.skipped, sub.skipped)):
-            mine.extend(Entry(e.kind, node.name, prefix + e.module_path, e.reason) for e in theirs)
+        sub = Decider(decider.config)
+        swap_modules(leaf, sub, prefix=node.target + ".")
+        decider.report.extend(sub.report, lambda e: type(e)(e.kind, node.name, e.module_path, e.reason))
 
 
-def rewrite_symbolic(
-    gm: torch.fx.GraphModule,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    mode: str = "groups",
-    implementation: str = "auto",
-    select: Optional[Callable[[str], bool]] = None,
-    strict: bool = False,
-    example_inputs: Optional[tuple] = None,
-) -> Tuple[torch.fx.GraphModule, RewriteReport]:
-    """Rewrites ``gm`` (from ``torch.fx.symbolic_trace``) **in place**; returns ``(gm, report)``.
+def rewrite_symbolic(gm: torch.fx.GraphModule, *config, example_inputs: Optional[tuple] = None,
+                     **options) -> Tuple[torch.fx.GraphModule, RewriteReport]:
+    """Rewrites ``gm`` (from ``torch.fx.symbolic_trace``) **in place**.
 
-    ``F.scaled_dot_product_attention`` calls are rewritten when ``example_inputs`` (``gm``'s
-    positional inputs) are given: they are run once under fake tensors to learn q/k/v shapes
-    (nothing is computed); without them such calls are refused ("shapes unknown"). Their
-    refusals are the compile backend's (masks, GQA, q/k/v of different shapes, too few heads),
-    and ``select`` sees the module path of the SDPA call's module (``"blocks.0"``).
+    Args:
+        gm: a ``torch.fx.GraphModule`` from ``torch.fx.symbolic_trace``.
+        config, options: a :class:`~dilated_ops.RewriteConfig`, or its fields
+            (``segment_lengths, dilation_rates, mode="groups", implementation="auto",
+            select=None, strict=False``); ``select(module_path)`` sees the node's target
+            (``"layers.0.attn"``).
+        example_inputs: ``gm``'s positional inputs, run once under fake tensors to learn the
+            q/k/v shapes of ``F.scaled_dot_product_attention`` calls (nothing is computed);
+            without them such calls are refused ("shapes unknown").
 
+    Returns:
+        ``(gm, report)``.
+
+    SDPA calls are refused as by the compile backend (masks, GQA, q/k/v of different shapes, too
+    few heads), ``select`` seeing the module path of the SDPA call's module (``"blocks.0"``).
     ``nn.MultiheadAttention`` modules inside other leaf modules (``torch.fx`` does not trace into
     ``torch.nn`` modules: a model's ``nn.TransformerEncoder`` is one ``call_module`` node) are
     swapped as :func:`dilated_ops.convert` does, listed under their full path with the leaf's
-    node.
-
-    A module is swapped when every call of it can be: refused (listed with the reason, the
-    module and all its calls kept; ``strict=True`` raises :class:`RewriteRefused`) are
-    ``need_weights`` not ``False`` (MHA's default is True), ``key_padding_mask``, an
-    ``attn_mask`` without ``is_causal=True``, a use of the weights output, and what
-    :func:`dilated_ops.convert` refuses (``add_bias_kv``, ``add_zero_attn``, too few heads).
-    Key and value of another length than the query (unknown when tracing) raise ValueError at
-    forward. ``select(module_path)`` sees the node's target (``"layers.0.attn"``).
+    node. A module is swapped when every call of it can be: refused (listed with the reason, the
+    module and all its calls kept; ``strict=True`` raises) are ``need_weights`` not ``False``
+    (MHA's default is True), ``key_padding_mask``, an ``attn_mask`` without ``is_causal=True``, a
+    use of the weights output, and what :func:`dilated_ops.convert` refuses (``add_bias_kv``,
+    ``add_zero_attn``, too few heads). Key and value of another length than the query (unknown
+    when tracing) raise ValueError at forward.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"gm must be a torch.fx.GraphModule (from torch.fx.symbolic_trace): got {type(gm).__name__}")
-    target = make_target(segment_lengths, dilation_rates, mode, implementation)
-    report = RewriteReport()
+    decider = Decider(RewriteConfig.of(*config, **options))
     calls: Dict[str, List[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MultiheadAttention):
             calls.setdefault(node.target, []).append(node)
     for path, nodes in calls.items():
-        if select is not None and not select(path):
-            report.skipped.extend(Entry(KIND, n.name, path, "not chosen by select") for n in nodes)
-            continue
         mha = gm.get_submodule(path)
-        problems = {n.name: mha_problem(mha, target) or _call_problem(n) for n in nodes}
+        problems = {n.name: mha_problem(mha, decider.config) or _call_problem(n) for n in nodes}
+        if not all([decider.selected(KIND, path, n.name) for n in nodes]):  # each unselected call listed
+            continue
         if any(problems.values()):
             for n in nodes:
-                entry = Entry(KIND, n.name, path, problems[n.name] or "another call of this module is refused")
-                report.refused.append(entry)
-                if strict:
-                    raise RewriteRefused(f"dilated_ops: left {entry}")
+                decider.refuse(KIND, path, problems[n.name] or "another call of this module is refused", n.name)
             continue
-        new = ConvertedMultiheadAttention(mha, target.segment_lengths, target.dilation_rates,
-                                          target.mode, target.backend, path)
+        new = ConvertedMultiheadAttention(mha, decider.config, path)
         parent, _, name = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, new)
-        report.rewritten.extend(Entry(KIND, n.name, path) for n in nodes)
-    _convert_inside_leaves(gm, segment_lengths, dilation_rates, mode, implementation, select, strict, report)
+        for n in nodes:
+            decider.done(KIND, path, n.name)
+    _convert_inside_leaves(gm, decider)
     if example_inputs is not None:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
         FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
-    if rewrite_sdpa(gm, target, Decider(report, select, strict)):
+    if rewrite_sdpa(gm, decider):
         gm.graph.lint()
         gm.recompile()
-    return gm, report
+    return gm, decider.report

@@ -30,3 +30,12 @@ def random_configs(count: int, seed: int):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def reset_dynamo():
+    """Dynamo's caches cleared before and after the test (use with
+    ``pytestmark = pytest.mark.usefixtures("reset_dynamo")``)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -21,6 +21,40 @@ def assert_same_outputs_and_grads(model, rewritten, inputs, tol=1e-10, params=No
         torch.testing.assert_close(params[name].grad, p.grad, rtol=tol, atol=tol, msg=f"{label} {name}")
 
 
+def x64(*shape):
+    return torch.randn(*shape, dtype=D64)
+
+
+def encoder():
+    """A two-layer float64 nn.TransformerEncoder (no dropout, batch first)."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=D64)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def call_targets(gm):
+    """The call_function/call_method targets of ``gm``'s graph, one a line: OpOverloads as
+    ``str``, everything else by ``__name__``."""
+    def name(t):
+        if isinstance(t, torch._ops.OpOverload):
+            return str(t)
+        return getattr(t, "__name__", str(t))
+    return "\n".join(name(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+
+
+class SelfMHA(nn.Module):
+    """One nn.MultiheadAttention (embed 8, 2 heads) called as self-attention, or with the
+    key and value passed after ``x``; ``**kw`` go to nn.MultiheadAttention (``dtype=None``:
+    the default dtype)."""
+
+    def __init__(self, batch_first=True, bias=True, dtype=D64, **kw):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, bias=bias, dtype=dtype, **kw)
+
+    def forward(self, x, *kv):
+        k, v = kv or (x, x)
+        return self.attn(x, k, v, need_weights=False)[0]
+
+
 class GPTBlock(nn.Module):
     def __init__(self, e=8, h=2):
         super().__init__()

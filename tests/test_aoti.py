@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import dilated_ops
+from models import SelfMHA
 
 LOAD = (
     "import sys, torch\n{imp}\n"
@@ -19,15 +19,6 @@ LOAD = (
     "torch.testing.assert_close(runner(io['x']), io['out'], rtol=1e-6, atol=1e-6)\n"
     "print('aoti ok')\n"
 )
-
-
-class SelfMHA(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-
-    def forward(self, x):
-        return self.attn(x, x, x, need_weights=False)[0]
 
 
 def load_in_fresh_process(directory, imp):
@@ -41,7 +32,7 @@ def load_in_fresh_process(directory, imp):
     "loading a package with the Python custom op; runs on torch 2.13"))
 def test_aoti_package_runs_with_dilated_ops_imported_and_fails_without(tmp_path):
     x = torch.randn(2, 16, 8)
-    ep = dilated_ops.export(SelfMHA().eval(), (x,), segment_lengths=[4, 8], dilation_rates=[1, 2])
+    ep = dilated_ops.export(SelfMHA(dtype=None).eval(), (x,), segment_lengths=[4, 8], dilation_rates=[1, 2])
     path = torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(tmp_path / "m.pt2"))
     want = ep.module()(x).detach()
     torch.testing.assert_close(torch._inductor.aoti_load_package(path)(x), want, rtol=1e-6, atol=1e-6)

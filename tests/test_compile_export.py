@@ -5,10 +5,10 @@ import subprocess
 import sys
 import textwrap
 
-import expecttest
 import pytest
 import torch
 import torch._dynamo.testing
+from expecttest import assert_expected_inline
 
 import dilated_ops
 from dilated_ops.kernels.reference import dilated_attention_reference
@@ -31,11 +31,7 @@ def qkv(b=2, n=64, h=4, d=4, dtype=torch.float32, grad=False):
     return tuple(torch.randn(b, n, h, d, dtype=dtype, requires_grad=grad) for _ in range(3))
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("reset_dynamo")
 
 
 @pytest.mark.parametrize("mode", ["groups", "longnet"])
@@ -77,30 +73,30 @@ def test_dynamic_seq_len_compiles_once():
     assert len(with_op) == 1
 
 
-class ExportGraph(expecttest.TestCase):
-    def test_export_one_node_per_call(self):
-        ep = torch.export.export(Attn("longnet", True), qkv())
-        calls = [n for n in ep.graph.nodes if n.op == "call_function"]
-        dilated = [n for n in calls if n.target == torch.ops.dilated.dilated_attention.default]
-        self.assertEqual(len(dilated), 1)
-        self.assertExpectedInline(
-            "\n".join(f"{n.target}" for n in calls),
-            """\
+def test_export_one_node_per_call():
+    ep = torch.export.export(Attn("longnet", True), qkv())
+    calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+    dilated = [n for n in calls if n.target == torch.ops.dilated.dilated_attention.default]
+    assert len(dilated) == 1
+    assert_expected_inline(
+        "\n".join(f"{n.target}" for n in calls),
+        """\
 dilated.dilated_attention.default
 <built-in function getitem>
 <built-in function getitem>
 aten.flatten.using_ints
 aten.linear.default""",
-        )
+    )
 
-    def test_export_dynamic_seq(self):
-        seq = torch.export.Dim("seq", min=2, max=4096)
-        shapes = {"q": {1: seq}, "k": {1: seq}, "v": {1: seq}}
-        model = Attn()
-        ep = torch.export.export(model, qkv(n=64), dynamic_shapes=shapes)
-        for n in (40, 200):
-            args = qkv(n=n)
-            torch.testing.assert_close(ep.module()(*args), model(*args))
+
+def test_export_dynamic_seq():
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    shapes = {"q": {1: seq}, "k": {1: seq}, "v": {1: seq}}
+    model = Attn()
+    ep = torch.export.export(model, qkv(n=64), dynamic_shapes=shapes)
+    for n in (40, 200):
+        args = qkv(n=n)
+        torch.testing.assert_close(ep.module()(*args), model(*args))
 
 
 def test_export_save_load_in_fresh_process(tmp_path):

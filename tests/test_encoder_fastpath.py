@@ -12,17 +12,14 @@ from torch import nn
 import dilated_ops
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
+from models import call_targets
 
 N = 16
 FUSED = torch._transformer_encoder_layer_fwd
 OP = torch.ops.dilated.dilated_attention.default
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("reset_dynamo")
 
 
 def encoder(activation="relu", norm_first=False, dtype=torch.float64, heads=2, layers=2):
@@ -33,12 +30,6 @@ def encoder(activation="relu", norm_first=False, dtype=torch.float64, heads=2, l
 
 def compiled(model, be):
     return torch.compile(copy.deepcopy(model), backend=be, fullgraph=True)
-
-
-def names(gm):
-    def name(t):
-        return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
-    return "\n".join(name(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
 
 
 def test_dynamo_emits_the_fused_node_in_eval_under_no_grad():
@@ -85,7 +76,7 @@ def test_rewritten_graph_pinned(norm_first):
     be = dilated_ops.backend([N], [1], inner=lambda gm, ex: graphs.append(gm) or gm)
     with torch.no_grad():
         torch.compile(encoder(norm_first=norm_first, layers=1), backend=be, fullgraph=True)(torch.randn(2, N, 8, dtype=torch.float64))
-    text = names(graphs[0])
+    text = call_targets(graphs[0])
     assert "_transformer_encoder_layer_fwd" not in text and "scaled_dot_product" not in text
     if norm_first:
         assert_expected_inline(text, """\

@@ -5,16 +5,16 @@ import copy
 import subprocess
 import sys
 
-import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
+from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
-from models import GPT
+from models import GPT, SelfMHA
 
 D64 = torch.float64
 N = 16
@@ -48,16 +48,6 @@ def grads_equal(model, program, inputs):
         torch.testing.assert_close(have[name], w, rtol=1e-10, atol=1e-10, msg=name)
 
 
-class SelfMHA(nn.Module):
-    def __init__(self, batch_first, **kw):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, dtype=D64, **kw)
-
-    def forward(self, x, *kv):
-        k, v = kv or (x, x)
-        return self.attn(x, k, v, need_weights=False)[0]
-
-
 class Sdpa(nn.Module):
     def __init__(self, **kw):
         super().__init__()
@@ -67,13 +57,12 @@ class Sdpa(nn.Module):
         return F.scaled_dot_product_attention(q, q if k is None else k, q if v is None else v, **self.kw)
 
 
-class Programs(expecttest.TestCase):
-    def test_gpt_export_has_only_dilated_attention(self):
-        model = GPT(layers=1)
-        ep = dilated_ops.export(model, (idx(),), segment_lengths=[N], dilation_rates=[1])
-        self.assertEqual([str(e) for e in ep.dilated_ops_report.rewritten],
-                         ["scaled_dot_product_attention at blocks.0 (node scaled_dot_product_attention)"])
-        self.assertExpectedInline(normalised(ep), """\
+def test_gpt_export_has_only_dilated_attention():
+    model = GPT(layers=1)
+    ep = dilated_ops.export(model, (idx(),), segment_lengths=[N], dilation_rates=[1])
+    assert [str(e) for e in ep.dilated_ops_report.rewritten] == [
+        "scaled_dot_product_attention at blocks.0 (node scaled_dot_product_attention)"]
+    assert_expected_inline(normalised(ep), """\
 aten.embedding.default
 aten.layer_norm.default
 aten.linear.default
@@ -103,12 +92,13 @@ aten.linear.default
 aten.add.Tensor
 aten.linear.default""")
 
-    def test_mha_program_without_conversion(self):
-        # rewrite_exported on nn.MultiheadAttention's own export: its SDPA node is rewritten.
-        ep = torch.export.export(SelfMHA(True), (torch.randn(2, N, 8, dtype=D64),))
-        new, report = dilated_ops.rewrite_exported(ep, [N], [1])
-        self.assertEqual([e.module_path for e in report.rewritten], ["attn"])
-        self.assertEqual((count(new, OP), count(new, SDPA), count(ep, SDPA)), (1, 0, 1))  # ep kept
+
+def test_mha_program_without_conversion():
+    # rewrite_exported on nn.MultiheadAttention's own export: its SDPA node is rewritten.
+    ep = torch.export.export(SelfMHA(True), (torch.randn(2, N, 8, dtype=D64),))
+    new, report = dilated_ops.rewrite_exported(ep, [N], [1])
+    assert [e.module_path for e in report.rewritten] == ["attn"]
+    assert (count(new, OP), count(new, SDPA), count(ep, SDPA)) == (1, 0, 1)  # ep kept
 
 
 def test_gpt_dense_branch_equals_original_with_grads():

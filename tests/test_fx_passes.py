@@ -11,7 +11,7 @@ from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
-from models import GPT, assert_same_outputs_and_grads
+from models import GPT, SelfMHA, assert_same_outputs_and_grads, call_targets, encoder, x64
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 
@@ -19,11 +19,7 @@ D64 = torch.float64
 N = 16
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("reset_dynamo")
 
 
 def dense(**kw):
@@ -45,15 +41,6 @@ def check_same(model, inputs, be, **kwargs):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
 
 
-class SelfMHA(nn.Module):
-    def __init__(self, batch_first):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, dtype=D64)
-
-    def forward(self, x):
-        return self.attn(x, x, x, need_weights=False)[0]
-
-
 class SeparateProj(nn.Module):
     """Self-attention through F.multi_head_attention_forward with separate q/k/v weights
     (nn.MultiheadAttention uses them only when kdim/vdim differ, i.e. cross-attention)."""
@@ -72,15 +59,6 @@ class SeparateProj(nn.Module):
             use_separate_proj_weight=True, q_proj_weight=self.q, k_proj_weight=self.k,
             v_proj_weight=self.v,
         )
-
-
-def encoder():
-    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=D64)
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-
-
-def x64(*shape):
-    return torch.randn(*shape, dtype=D64)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -166,19 +144,11 @@ def test_explain_zero_graph_breaks(model, inp):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
-def targets(gm):
-    def name(t):
-        if isinstance(t, torch._ops.OpOverload):
-            return str(t)
-        return getattr(t, "__name__", str(t))
-    return "\n".join(name(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
-
-
 def capture(model, *inputs):
     graphs = []
     be = dense(inner=lambda gm, ex: graphs.append(gm) or gm)
     torch.compile(model, backend=be, fullgraph=True)(*inputs)
-    return targets(graphs[0])
+    return call_targets(graphs[0])
 
 
 def test_rewritten_mha_graph_pinned():
@@ -190,10 +160,10 @@ getitem
 getitem
 getitem
 unflatten
-transpose
+unflatten
 unflatten
 transpose
-unflatten
+transpose
 transpose
 dilated.dilated_attention.default
 getitem
@@ -253,7 +223,7 @@ def mha():
 def test_refused_need_weights():
     x = x64(2, N, 8)
     assert run_refused(mha(), x, x, x, need_weights=True) == [
-        "need_weights=True (the dilated op returns no attention weights)"]
+        "need_weights=True (MHA's default): dilated attention returns no attention weights; pass need_weights=False"]
 
 
 def test_refused_key_padding_mask():

@@ -3,31 +3,22 @@ modules become in-proj + torch.ops.dilated.dilated_attention + out-proj on the s
 import copy
 import io
 
-import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
+from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
 from dilated_ops import ConvertedMultiheadAttention
 from dilated_ops.fx_passes import RewriteRefused
 
-from models import assert_same_outputs_and_grads
+from models import SelfMHA, assert_same_outputs_and_grads, encoder, x64
 from dilated_ops.kernels.reference import dilated_attention_reference
 
 D64 = torch.float64
 N = 16
 OP = torch.ops.dilated.dilated_attention.default
-
-
-class SelfMHA(nn.Module):
-    def __init__(self, batch_first, bias=True, **kw):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, bias=bias, dtype=D64, **kw)
-
-    def forward(self, x):
-        return self.attn(x, x, x, need_weights=False)[0]
 
 
 class KdimMHA(nn.Module):
@@ -39,15 +30,6 @@ class KdimMHA(nn.Module):
 
     def forward(self, x, k, v):
         return self.attn(x, k, v, need_weights=False)[0]
-
-
-def encoder():
-    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=D64)
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-
-
-def x64(*shape):
-    return torch.randn(*shape, dtype=D64)
 
 
 def check_same(model, inputs, grad=True, **kwargs):
@@ -177,66 +159,69 @@ def test_forward_refusals_name_the_module():
         attn(x, x[:4], x[:4], need_weights=False)
 
 
-class Export(expecttest.TestCase):
-    def test_encoder_program_has_one_dilated_node_per_call_and_no_sdpa(self):
-        model = encoder().eval()
-        x = x64(2, N, 8)
-        ep = dilated_ops.export(model, (x,), segment_lengths=[N], dilation_rates=[1])
-        targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-        attention = [t for t in targets if "attention" in t or "transformer_encoder" in t]
-        self.assertExpectedInline("\n".join(attention), """\
+def test_encoder_program_has_one_dilated_node_per_call_and_no_sdpa():
+    model = encoder().eval()
+    x = x64(2, N, 8)
+    ep = dilated_ops.export(model, (x,), segment_lengths=[N], dilation_rates=[1])
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    attention = [t for t in targets if "attention" in t or "transformer_encoder" in t]
+    assert_expected_inline("\n".join(attention), """\
 dilated.dilated_attention.default
 dilated.dilated_attention.default""")
-        self.assertEqual([str(e) for e in ep.dilated_ops_report.rewritten],
-                         ["nn.MultiheadAttention at layers.0.self_attn", "nn.MultiheadAttention at layers.1.self_attn"])
+    assert [str(e) for e in ep.dilated_ops_report.rewritten] == [
+        "nn.MultiheadAttention at layers.0.self_attn", "nn.MultiheadAttention at layers.1.self_attn"]
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-10, atol=1e-10)
+    assert type(model.layers[0].self_attn) is nn.MultiheadAttention  # the model passed in is kept
+
+
+def test_encoder_program_equals_original_with_parameter_grads():
+    # Train and eval mode: the exported program's output and parameter gradients (through
+    # the unlifted module) equal the original's with one dense branch.
+    for train in (True, False):
+        model = encoder().train(train)
+        x = x64(2, N, 8)
+        ep = dilated_ops.export(model, (x,), segment_lengths=[N], dilation_rates=[1])
+        assert sum(n.target == OP for n in ep.graph.nodes) == 2
+        exported = ep.module()
+        assert_same_outputs_and_grads(model, exported, (x,))
+
+
+def test_save_load_round_trip():
+    model = SelfMHA(batch_first=True).eval()
+    x = x64(2, N, 8)
+    ep = dilated_ops.export(model, (x,), segment_lengths=[4, 8], dilation_rates=[1, 2])
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf)
+    assert sum(n.target == OP for n in loaded.graph.nodes) == 1
+    torch.testing.assert_close(loaded.module()(x), ep.module()(x), rtol=0, atol=0)
+
+
+def test_dynamic_batch_after_conversion():
+    # PyTorch issue #156681: nn.MultiheadAttention with a dynamic batch fails on the fast path.
+    model = SelfMHA(batch_first=True).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = dilated_ops.export(model, (x64(2, N, 8),), segment_lengths=[N], dilation_rates=[1],
+                            dynamic_shapes=({0: batch},))
+    for b in (1, 5):
+        x = x64(b, N, 8)
         with torch.no_grad():
             torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-10, atol=1e-10)
-        assert type(model.layers[0].self_attn) is nn.MultiheadAttention  # the model passed in is kept
 
-    def test_encoder_program_equals_original_with_parameter_grads(self):
-        # Train and eval mode: the exported program's output and parameter gradients (through
-        # the unlifted module) equal the original's with one dense branch.
-        for train in (True, False):
-            model = encoder().train(train)
-            x = x64(2, N, 8)
-            ep = dilated_ops.export(model, (x,), segment_lengths=[N], dilation_rates=[1])
-            self.assertEqual(sum(n.target == OP for n in ep.graph.nodes), 2)
-            exported = ep.module()
-            assert_same_outputs_and_grads(model, exported, (x,))
 
-    def test_save_load_round_trip(self):
-        model = SelfMHA(batch_first=True).eval()
-        x = x64(2, N, 8)
-        ep = dilated_ops.export(model, (x,), segment_lengths=[4, 8], dilation_rates=[1, 2])
-        buf = io.BytesIO()
-        torch.export.save(ep, buf)
-        buf.seek(0)
-        loaded = torch.export.load(buf)
-        self.assertEqual(sum(n.target == OP for n in loaded.graph.nodes), 1)
-        torch.testing.assert_close(loaded.module()(x), ep.module()(x), rtol=0, atol=0)
+def test_functional_sdpa_is_rewritten_too():
+    # After module swapping, export runs the ATen pass (dilated_ops.rewrite_exported) on the
+    # SDPA nodes left: functional calls are rewritten; refused ones stay, strict raises.
+    class Sdpa(nn.Module):
+        def forward(self, q, mask=None):
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
 
-    def test_dynamic_batch_after_conversion(self):
-        # PyTorch issue #156681: nn.MultiheadAttention with a dynamic batch fails on the fast path.
-        model = SelfMHA(batch_first=True).eval()
-        batch = torch.export.Dim("batch", min=1, max=64)
-        ep = dilated_ops.export(model, (x64(2, N, 8),), segment_lengths=[N], dilation_rates=[1],
-                                dynamic_shapes=({0: batch},))
-        for b in (1, 5):
-            x = x64(b, N, 8)
-            with torch.no_grad():
-                torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-10, atol=1e-10)
-
-    def test_functional_sdpa_is_rewritten_too(self):
-        # After module swapping, export runs the ATen pass (dilated_ops.rewrite_exported) on the
-        # SDPA nodes left: functional calls are rewritten; refused ones stay, strict raises.
-        class Sdpa(nn.Module):
-            def forward(self, q, mask=None):
-                return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
-
-        q = x64(1, 2, N, 4)
-        ep = dilated_ops.export(Sdpa(), (q,), segment_lengths=[N], dilation_rates=[1])
-        self.assertEqual([e.kind for e in ep.dilated_ops_report.rewritten], ["scaled_dot_product_attention"])
-        self.assertEqual(sum(n.target == OP for n in ep.graph.nodes), 1)
-        torch.testing.assert_close(ep.module()(q), F.scaled_dot_product_attention(q, q, q), rtol=1e-10, atol=1e-10)
-        with self.assertRaisesRegex(RewriteRefused, "float attn_mask"):
-            dilated_ops.export(Sdpa(), (q, x64(N, N)), segment_lengths=[N], dilation_rates=[1], strict=True)
+    q = x64(1, 2, N, 4)
+    ep = dilated_ops.export(Sdpa(), (q,), segment_lengths=[N], dilation_rates=[1])
+    assert [e.kind for e in ep.dilated_ops_report.rewritten] == ["scaled_dot_product_attention"]
+    assert sum(n.target == OP for n in ep.graph.nodes) == 1
+    torch.testing.assert_close(ep.module()(q), F.scaled_dot_product_attention(q, q, q), rtol=1e-10, atol=1e-10)
+    with pytest.raises(RewriteRefused, match="float attn_mask"):
+        dilated_ops.export(Sdpa(), (q, x64(N, N)), segment_lengths=[N], dilation_rates=[1], strict=True)

@@ -2,10 +2,10 @@
 nn.MultiheadAttention call a ConvertedMultiheadAttention sharing the Parameters."""
 import copy
 
-import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
+from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
@@ -13,7 +13,7 @@ from dilated_ops import ConvertedMultiheadAttention
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 
-from models import assert_same_outputs_and_grads
+from models import assert_same_outputs_and_grads, x64
 
 D64 = torch.float64
 N = 16
@@ -31,10 +31,6 @@ class Block(nn.Module):
     def forward(self, x, mem):
         x = x + self.attn(x, x, x, need_weights=False)[0]
         return self.norm(x + self.cross(x, mem, mem, need_weights=False)[0])
-
-
-def x64(*shape):
-    return torch.randn(*shape, dtype=D64)
 
 
 def traced_and_rewritten(model, segs=(N,), rates=(1,), **kw):
@@ -66,18 +62,17 @@ def test_dense_branch_equals_original_with_grads(batch_first, kdim):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
-class Pinned(expecttest.TestCase):
-    def test_graph_and_state_dict_keys(self):
-        model = Block()
-        traced = torch.fx.symbolic_trace(model)
-        keys = list(traced.state_dict())
-        gm, _ = dilated_ops.rewrite_symbolic(traced, [N], [1])
-        self.assertExpectedInline(calls(gm), """\
+def test_graph_and_state_dict_keys():
+    model = Block()
+    traced = torch.fx.symbolic_trace(model)
+    keys = list(traced.state_dict())
+    gm, _ = dilated_ops.rewrite_symbolic(traced, [N], [1])
+    assert_expected_inline(calls(gm), """\
 call_module attn ConvertedMultiheadAttention
 call_module cross ConvertedMultiheadAttention
 call_module norm LayerNorm""")
-        self.assertEqual(list(gm.state_dict()), keys)
-        self.assertIs(gm.attn.in_proj_weight, model.attn.in_proj_weight)
+    assert list(gm.state_dict()) == keys
+    assert gm.attn.in_proj_weight is model.attn.in_proj_weight
 
 
 def test_real_dilated_config_equals_reference():
@@ -104,7 +99,7 @@ class Calls(nn.Module):
 
 
 @pytest.mark.parametrize("call,kw,reason", [
-    (lambda m, x: m(x, x, x)[0], {}, "need_weights is not False (MHA's default is True; the dilated op returns no weights)"),
+    (lambda m, x: m(x, x, x)[0], {}, "need_weights=True (MHA's default): dilated attention returns no attention weights; pass need_weights=False"),
     (lambda m, x: m(x, x, x, need_weights=False, key_padding_mask=x[..., 0] > 0)[0], {},
      "key_padding_mask is not supported by dilated attention"),
     (lambda m, x: m(x, x, x, need_weights=False, attn_mask=x[0, :, :1] * x[0, :, :1].T)[0], {},
@@ -124,7 +119,7 @@ def test_one_refused_call_keeps_the_module_for_all_calls_and_strict_raises():
     gm, report = traced_and_rewritten(model)
     assert [e.reason for e in report.refused] == [
         "another call of this module is refused",
-        "need_weights is not False (MHA's default is True; the dilated op returns no weights)"]
+        "need_weights=True (MHA's default): dilated attention returns no attention weights; pass need_weights=False"]
     assert type(gm.attn) is nn.MultiheadAttention
     with pytest.raises(RewriteRefused, match="at attn"):
         traced_and_rewritten(model, strict=True)

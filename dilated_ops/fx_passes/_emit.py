@@ -1,50 +1,52 @@
-"""Emits ``torch.ops.dilated.dilated_attention`` into an FX graph (q, k, v ``(batch, seq, heads,
-head_dim)`` nodes in, the ``out`` node back)."""
+"""Emits the configured variant's op into an FX graph: on its own (:func:`emit_op`, q, k, v
+``(batch, seq, heads, head_dim)`` nodes in, the ``out`` node back) or as the whole attention
+block of :func:`dilated_ops.attention_block.attention_block` run on ``torch.fx.Proxy`` values
+(:func:`emit_block`), so the graphs get the computation the modules run."""
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import Tuple
+from typing import Callable, Dict
 
 import torch
 import torch.fx
-import torch.nn.functional as F
+from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from ..registrations import dilated_attention as _registrations  # noqa: F401 (registers the op)
-
-
-@dataclass(frozen=True)
-class Target:
-    segment_lengths: Tuple[int, ...]
-    dilation_rates: Tuple[int, ...]
-    mode: str
-    backend: str  # the op's: "auto" or "sdpa"
+from ..attention_block import attention_block
+from .config import RewriteConfig
 
 
-def emit_dilated(graph: torch.fx.Graph, target: Target, q, k, v, is_causal: bool, dropout_p: float,
-                 scale=None):
+def emit_op(graph: torch.fx.Graph, config: RewriteConfig, q, k, v, is_causal: bool, dropout_p: float,
+            scale=None) -> torch.fx.Node:
+    variant = config.variant
     seed = None
     if dropout_p > 0.0:
         # As dilated_ops.dilated_attention does: a CPU int64 seed from the default generator.
         seed = graph.call_function(torch.randint, (0, 2**62, ()), {"dtype": torch.int64})
     pair = graph.call_function(
-        torch.ops.dilated.dilated_attention.default,
-        (q, k, v, list(target.segment_lengths), list(target.dilation_rates), target.mode,
-         bool(is_causal), scale, float(dropout_p), seed, target.backend),
+        variant.op.default,
+        (q, k, v, list(config.segment_lengths), list(config.dilation_rates), config.mode,
+         bool(is_causal), scale, float(dropout_p), seed),
+        variant.op_kwargs,
     )
     return graph.call_function(operator.getitem, (pair, 0))
 
 
-def emit_packed_in_proj(graph: torch.fx.Graph, x, weight, bias):
-    """``F.linear(x, weight, bias).chunk(3, dim=-1)``: the q, k, v projections (embed last)."""
-    qkv = graph.call_function(F.linear, (x, weight, bias))
-    chunks = graph.call_function(torch.chunk, (qkv, 3), {"dim": -1})
-    return [graph.call_function(operator.getitem, (chunks, i)) for i in range(3)]
+def emit_block(graph: torch.fx.Graph, config: RewriteConfig, inputs: Dict[str, object],
+               block: Callable[..., Proxy], is_causal: bool, dropout_p: float) -> torch.fx.Node:
+    """Runs ``block(attend, **proxies)`` with ``inputs`` (names -> nodes or constants) as
+    proxies, ``attend`` emitting the op; the nodes go in at the graph's insert point. Returns
+    the block's output node. ``block`` calls :func:`attention_block`."""
+    tracer = GraphAppendingTracer(graph)
+    proxies: Dict[torch.fx.Node, Proxy] = {}  # one proxy per node: `query is key` stays true
 
+    def wrap(x):
+        if isinstance(x, torch.fx.Node):
+            return proxies.setdefault(x, Proxy(x, tracer))
+        return x
 
-def heads_problem(target: Target, num_heads: int):
-    """Why the op would reject ``num_heads`` heads for this config (None if it would not)."""
-    groups = len(target.segment_lengths)
-    if target.mode == "groups" and num_heads < groups:
-        return f"{num_heads} heads cannot cover {groups} dilation groups (mode 'groups')"
-    return None
+    def attend(q, k, v):
+        return Proxy(emit_op(graph, config, q.node, k.node, v.node, is_causal, dropout_p), tracer)
+
+    out = block(attend, **{name: wrap(x) for name, x in inputs.items()})
+    return out.node
+

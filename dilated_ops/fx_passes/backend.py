@@ -1,90 +1,76 @@
 """``dilated_ops.backend(...)``: a ``torch.compile`` backend that rewrites the attention calls of
-each Dynamo graph (:mod:`.mha`, :mod:`.sdpa`) and hands the graph to an inner backend; and the
-registered backend name ``"dilated"`` (config through ``torch.compile(..., options={...})``,
-which torch passes to custom backends as the keyword ``options``)."""
+each Dynamo graph (:mod:`.mha`, :mod:`.sdpa`, :mod:`.encoder_fastpath`) and hands the graph to an
+inner backend; and the registered backend name ``"dilated"`` (config through
+``torch.compile(..., options={...})``, which torch passes to custom backends as the keyword
+``options``)."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+import dataclasses
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.fx
 
-from ._emit import Target
+from .config import RewriteConfig
 from .encoder_fastpath import rewrite_fast_path
 from .mha import rewrite_mha
-from .report import Decider, RewriteReport, op_backend
+from .report import Decider, RewriteReport
 from .sdpa import rewrite_sdpa
-from .. import _checks
 
 
-def rewrite(
-    gm: torch.fx.GraphModule,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    mode: str = "groups",
-    implementation: str = "auto",
-    select: Optional[Callable[[str], bool]] = None,
-    strict: bool = False,
-) -> RewriteReport:
-    """Rewrites ``gm`` (a Dynamo graph) in place; returns what it did."""
-    target = make_target(segment_lengths, dilation_rates, mode, implementation)
-    report = RewriteReport()
-    decider = Decider(report, select, strict)
-    changed = (rewrite_mha(gm, target, decider) + rewrite_sdpa(gm, target, decider)
-               + rewrite_fast_path(gm, target, decider))
+def rewrite(gm: torch.fx.GraphModule, *config, **options) -> RewriteReport:
+    """Rewrites ``gm`` (a Dynamo graph) in place; returns what it did. ``config``/``options``:
+    a :class:`RewriteConfig` or its fields."""
+    decider = Decider(RewriteConfig.of(*config, **options))
+    changed = rewrite_mha(gm, decider) + rewrite_sdpa(gm, decider) + rewrite_fast_path(gm, decider)
     if changed:
         gm.graph.lint()
         gm.recompile()
-    return report
-
-
-def make_target(segment_lengths, dilation_rates, mode="groups", implementation="auto") -> Target:
-    """The checked config every pass (and ``dilated_ops.convert``) rewrites to; ValueError /
-    TypeError name the bad argument."""
-    segment_lengths = _checks.check_int_list("segment_lengths", list(segment_lengths))
-    dilation_rates = _checks.check_int_list("dilation_rates", list(dilation_rates))
-    _checks.check_segments(segment_lengths, dilation_rates)
-    _checks.check_mode(mode)
-    return Target(tuple(segment_lengths), tuple(dilation_rates), mode, op_backend(implementation))
+    return decider.report
 
 
 class DilatedBackend:
     """A compile backend: ``(gm, example_inputs) -> callable``. ``report`` is the last graph's
     :class:`RewriteReport`, ``reports`` all of them (one per graph Dynamo compiled)."""
 
-    def __init__(self, segment_lengths, dilation_rates, mode="groups", implementation="auto",
-                 inner: Union[str, Callable] = "inductor", select=None, strict=False):
-        self.target = make_target(segment_lengths, dilation_rates, mode, implementation)
-        self.config = dict(segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates),
-                           mode=mode, implementation=implementation)
+    def __init__(self, config: RewriteConfig, inner: Union[str, Callable] = "inductor"):
+        self.config = config
         self.inner = inner
-        self.select, self.strict = select, strict
         self.reports: List[RewriteReport] = []
         self.report: Optional[RewriteReport] = None
         self.__name__ = "dilated"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        report = rewrite(gm, select=self.select, strict=self.strict, **self.config)
+        report = rewrite(gm, self.config)
         self.report = report
         self.reports.append(report)
         inner = torch._dynamo.lookup_backend(self.inner) if isinstance(self.inner, str) else self.inner
         return inner(gm, example_inputs)
 
 
-def backend(segment_lengths, dilation_rates, mode="groups", implementation="auto", inner="inductor",
-            select=None, strict=False) -> DilatedBackend:
-    """A ``torch.compile`` backend turning stock attention into dilated attention.
+def backend(*config, inner: Union[str, Callable] = "inductor", **options) -> DilatedBackend:
+    """A ``torch.compile`` backend turning stock attention into dilated attention::
 
-    ``implementation``: the factory's name ("auto", "standard", "improved", "ring"), mapped to
-    the op's ``backend`` argument; ``inner``: a backend name (``torch._dynamo.lookup_backend``) or
-    callable that compiles the rewritten graph; ``select(module_path) -> bool`` chooses the calls
-    to rewrite (module paths as in ``named_modules``, e.g. ``"layers.0.self_attn"``; "" for
-    the top module); ``strict=True`` raises :class:`RewriteRefused` on a call it cannot rewrite.
+        torch.compile(model, backend=dilated_ops.backend([2048, 4096], [1, 2]))
+
+    Args:
+        config, options: a :class:`RewriteConfig`, or its fields (``segment_lengths,
+            dilation_rates, mode="groups", implementation="auto", select=None,
+            strict=False``): what to rewrite into ("auto" is the variant that picks kernels per
+            device at run time), ``select(module_path) -> bool`` to choose the calls (module
+            paths as in ``named_modules``, e.g. ``"layers.0.self_attn"``; "" for the top
+            module), ``strict=True`` to raise :class:`RewriteRefused` on a call it cannot
+            rewrite.
+        inner: a backend name (``torch._dynamo.lookup_backend``) or callable that compiles
+            the rewritten graph.
+
+    Returns:
+        a :class:`DilatedBackend`; its ``report`` / ``reports`` say what each graph's rewrite did.
     """
-    return DilatedBackend(segment_lengths, dilation_rates, mode, implementation, inner, select, strict)
+    return DilatedBackend(RewriteConfig.of(*config, **options), inner)
 
 
-_OPTION_KEYS = ("segment_lengths", "dilation_rates", "mode", "implementation", "inner", "select", "strict")
+_OPTION_KEYS = tuple(f.name for f in dataclasses.fields(RewriteConfig)) + ("inner",)
 
 
 def _registered(gm, example_inputs, options=None, mode=None):

@@ -18,14 +18,14 @@ heads than dilation groups.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ._emit import Target, emit_dilated, emit_packed_in_proj, heads_problem
-from .report import Decider, example_shape
+from ..attention_block import attention_block, packed_in_projection
+from ._emit import emit_block
+from .refusals import encoder_fast_path_problem
+from .report import Decider
 
 KIND = "_transformer_encoder_layer_fwd"
 _TARGETS = (torch._transformer_encoder_layer_fwd, torch.ops.aten._transformer_encoder_layer_fwd.default)
@@ -49,36 +49,20 @@ def _bind(node: torch.fx.Node) -> dict:
     return a
 
 
-def _problem(a: dict, target: Target) -> Optional[str]:
-    if a["mask"] is not None:
-        return ("a mask (src_mask or src_key_padding_mask) reaches the fused fast path as a merged "
-                "tensor without the is_causal hint, so it cannot be told from an arbitrary mask")
-    shape = example_shape(a["src"])
-    if shape is not None and len(shape) != 3:
-        return f"non-3-D source (shape {shape}) is not supported"
-    e, h = a["embed_dim"], a["num_heads"]
-    if not (isinstance(e, int) and isinstance(h, int)) or e % h:
-        return f"embed_dim {e!r} / num_heads {h!r} not static ints dividing evenly"
-    if not all(isinstance(a[n], bool) for n in ("use_gelu", "norm_first")):
-        return "use_gelu / norm_first are not Python constants"
-    # eps: a float, or a graph input (a SymFloat under dynamic=True, before Dynamo specializes it).
-    if not isinstance(a["eps"], (float, torch.fx.Node)):
-        return f"eps {a['eps']!r} is neither a float nor a graph value"
-    return heads_problem(target, h)
-
-
-def _expand(graph: torch.fx.Graph, node: torch.fx.Node, a: dict, target: Target) -> torch.fx.Node:
+def _expand(graph: torch.fx.Graph, node: torch.fx.Node, a: dict, config) -> torch.fx.Node:
     e, h = a["embed_dim"], a["num_heads"]
 
     def norm(x, i):
         return graph.call_function(F.layer_norm, (x, (e,), a[f"norm_weight_{i}"], a[f"norm_bias_{i}"], a["eps"]))
 
     def attn(x):  # (batch, seq, embed) -> (batch, seq, embed)
-        q, k, v = (graph.call_function(torch.unflatten, (p, -1, (h, e // h)))
-                   for p in emit_packed_in_proj(graph, x, a["qkv_weight"], a["qkv_bias"]))
-        out = emit_dilated(graph, target, q, k, v, False, 0.0)
-        out = graph.call_function(torch.flatten, (out, 2))
-        return graph.call_function(F.linear, (out, a["proj_weight"], a["proj_bias"]))
+        def block(attend, x, w, b, out_w, out_b):
+            return attention_block(x, x, x, lambda q, k, v: packed_in_projection(q, k, v, w, b), attend,
+                                   lambda y: F.linear(y, out_w, out_b), h, e // h)
+
+        inputs = {"x": x, "w": a["qkv_weight"], "b": a["qkv_bias"], "out_w": a["proj_weight"],
+                  "out_b": a["proj_bias"]}
+        return emit_block(graph, config, inputs, block, False, 0.0)
 
     def ffn(x):
         x = graph.call_function(F.linear, (x, a["ffn_weight_1"], a["ffn_bias_1"]))
@@ -97,11 +81,12 @@ def _expand(graph: torch.fx.Graph, node: torch.fx.Node, a: dict, target: Target)
         return norm(add(x, ffn(x)), 2)
 
 
-def rewrite_fast_path(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
+def rewrite_fast_path(gm: torch.fx.GraphModule, decider: Decider) -> int:
     count = 0
-    for node, a in decider.calls(gm, KIND, _TARGETS, _bind, lambda node, a: _problem(a, target)):
-        node.replace_all_uses_with(_expand(gm.graph, node, a, target))
+    config = decider.config
+    for node, a in decider.calls(gm, KIND, _TARGETS, _bind, lambda node, a: encoder_fast_path_problem(config, a)):
+        node.replace_all_uses_with(_expand(gm.graph, node, a, config))
         gm.graph.erase_node(node)
-        decider.done(KIND, node)
+        decider.node_done(KIND, node)
         count += 1
     return count

@@ -20,13 +20,13 @@ would be a random op in the program).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.fx
 
-from ._emit import Target
-from .backend import make_target
+from .config import RewriteConfig
+from .refusals import exported_sdpa_problem
 from .report import Decider, RewriteReport
 from .sdpa import KIND, emit_transposed, sdpa_calls
 
@@ -53,25 +53,18 @@ def _fill_meta(graph: torch.fx.Graph, before: set, template: torch.fx.Node, fake
                 node.meta[key] = template.meta[key]
 
 
-def _export_problem(node: torch.fx.Node, a: dict) -> Optional[str]:
-    if a["dropout_p"] != 0.0:
-        return f"dropout_p={a['dropout_p']} in an exported program (export in eval mode)"
-    if _fake_mode(node) is None:
-        return "no fake-tensor metadata (meta['val']) on the node"
-    return None
-
-
-def rewrite_graph(gm: torch.fx.GraphModule, target: Target, decider: Decider) -> int:
+def rewrite_graph(gm: torch.fx.GraphModule, decider: Decider) -> int:
     """Rewrites the SDPA nodes of an exported program's graph module in place."""
     graph, count = gm.graph, 0
-    for node, a in sdpa_calls(gm, (_SDPA,), target, decider, _export_problem):
+    problem = lambda node, a: exported_sdpa_problem(a, _fake_mode(node) is not None)  # noqa: E731
+    for node, a in sdpa_calls(gm, (_SDPA,), decider, problem):
         before = set(graph.nodes)
         with graph.inserting_before(node):
-            out = emit_transposed(graph, target, a, 0.0, _TRANSPOSE)
+            out = emit_transposed(graph, decider.config, a, 0.0, _TRANSPOSE)
         _fill_meta(graph, before, node, _fake_mode(node))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-        decider.done(KIND, node)
+        decider.node_done(KIND, node)
         count += 1
     if count:
         graph.lint()
@@ -79,27 +72,24 @@ def rewrite_graph(gm: torch.fx.GraphModule, target: Target, decider: Decider) ->
     return count
 
 
-def rewrite_exported(
-    ep: "torch.export.ExportedProgram",
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    mode: str = "groups",
-    implementation: str = "auto",
-    select: Optional[Callable[[str], bool]] = None,
-    strict: bool = False,
-) -> Tuple["torch.export.ExportedProgram", RewriteReport]:
-    """A copy of ``ep`` whose ``aten.scaled_dot_product_attention`` nodes are
-    ``torch.ops.dilated.dilated_attention`` nodes, and the :class:`RewriteReport`.
+def rewrite_exported(ep: "torch.export.ExportedProgram", *config, **options
+                     ) -> Tuple["torch.export.ExportedProgram", RewriteReport]:
+    """A copy of ``ep`` whose ``aten.scaled_dot_product_attention`` nodes are the configured
+    variant's op, and the :class:`RewriteReport`.
 
-    ``ep`` is left as it is. ``select(module_path)`` sees the path of the module that made the
-    call (from ``nn_module_stack``: ``"blocks.0.attn"``, ``""`` for the top module);
-    ``strict=True`` raises :class:`RewriteRefused` on a call it cannot rewrite. Other arguments
-    as in :func:`dilated_ops.backend`.
+    Args:
+        ep: a ``torch.export.ExportedProgram`` (left as it is).
+        config, options: a :class:`RewriteConfig`, or its fields (``segment_lengths,
+            dilation_rates, mode="groups", implementation="auto", select=None, strict=False``);
+            ``select(module_path)`` sees the path of the module that made the call (from
+            ``nn_module_stack``: ``"blocks.0.attn"``, ``""`` for the top module).
+
+    Returns:
+        ``(program, report)``.
     """
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"ep must be a torch.export.ExportedProgram: got {type(ep).__name__}")
-    target = make_target(segment_lengths, dilation_rates, mode, implementation)
-    report = RewriteReport()
+    decider = Decider(RewriteConfig.of(*config, **options))
     new = copy.deepcopy(ep)
-    rewrite_graph(new.graph_module, target, Decider(report, select, strict))
-    return new, report
+    rewrite_graph(new.graph_module, decider)
+    return new, decider.report

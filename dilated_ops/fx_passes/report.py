@@ -1,5 +1,6 @@
 """What a rewrite did: :class:`RewriteReport` (rewritten, refused and not-selected attention
-calls, each with the node, the module path and the reason), plus the helpers the passes share."""
+calls, each with the node, the module path and the reason), and :class:`Decider`, the one place
+where ``select``, refusals and ``strict`` are applied, for graph nodes and for module swaps."""
 from __future__ import annotations
 
 import re
@@ -8,24 +9,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch.fx
 
-# The factory's implementation names -> the op's ``backend`` argument (``factory.IMPLEMENTATIONS``
-# says the same in words; kept here so fx_passes depends on registrations only).
-BACKENDS = {"auto": "auto", "standard": "sdpa", "improved": "auto", "ring": "auto"}
-NOT_BUILT = ("distributed", "block_sparse")
-
-
-def op_backend(implementation: str) -> str:
-    if implementation in NOT_BUILT:
-        raise NotImplementedError(
-            f"implementation {implementation!r} is not built yet; graph rewriting supports "
-            f"{', '.join(map(repr, BACKENDS))}"
-        )
-    if implementation not in BACKENDS:
-        raise ValueError(
-            f"implementation must be one of {', '.join(map(repr, tuple(BACKENDS) + NOT_BUILT))}: "
-            f"got {implementation!r}"
-        )
-    return BACKENDS[implementation]
+from .config import RewriteConfig
 
 
 class RewriteRefused(RuntimeError):
@@ -34,7 +18,7 @@ class RewriteRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class Entry:
-    kind: str            # "multi_head_attention_forward" or "scaled_dot_product_attention"
+    kind: str            # "multi_head_attention_forward", "scaled_dot_product_attention", ...
     node: str            # the FX node's name ("" for convert's module swaps)
     module_path: str     # e.g. "layers.0.self_attn"; "" for the top module or unknown
     reason: str = ""     # why it was refused or skipped ("" when rewritten)
@@ -58,6 +42,12 @@ class RewriteReport:
         lines += [f"  skipped: {e}" for e in self.skipped]
         return "\n".join(lines)
 
+    def extend(self, other: "RewriteReport", entry: Callable[[Entry], Entry] = lambda e: e) -> None:
+        """Adds ``other``'s entries, each passed through ``entry``."""
+        for mine, theirs in ((self.rewritten, other.rewritten), (self.refused, other.refused),
+                             (self.skipped, other.skipped)):
+            mine.extend(entry(e) for e in theirs)
+
 
 _PREFIX = re.compile(r"^L\['[^']*'\]\.?")
 
@@ -76,37 +66,40 @@ def module_path(node: torch.fx.Node) -> str:
     return path.strip(".")
 
 
-def example_shape(arg) -> Optional[tuple]:
-    if isinstance(arg, torch.fx.Node):
-        value = arg.meta.get("example_value", arg.meta.get("val"))
-        if value is not None and hasattr(value, "shape"):
-            return tuple(value.shape)
-    return None
-
-
 class Decider:
-    """Shared bookkeeping of one pass run: selection, refusal, strict mode."""
+    """One rewrite run's bookkeeping: asks ``config.select``, records refusals (raising
+    :class:`RewriteRefused` when ``config.strict``) and rewrites in ``report``."""
 
-    def __init__(self, report: RewriteReport, select: Optional[Callable[[str], bool]], strict: bool):
-        self.report, self.select, self.strict = report, select, strict
+    def __init__(self, config: RewriteConfig, report: Optional[RewriteReport] = None):
+        self.config = config
+        self.report = RewriteReport() if report is None else report
 
-    def entry(self, kind: str, node: torch.fx.Node, reason: str = "") -> Entry:
-        return Entry(kind, node.name, module_path(node), reason)
-
-    def selected(self, kind: str, node: torch.fx.Node) -> bool:
-        if self.select is None or self.select(module_path(node)):
+    def selected(self, kind: str, path: str, node: str = "") -> bool:
+        if self.config.select is None or self.config.select(path):
             return True
-        self.report.skipped.append(self.entry(kind, node, "not chosen by select"))
+        self.report.skipped.append(Entry(kind, node, path, "not chosen by select"))
         return False
 
-    def refuse(self, kind: str, node: torch.fx.Node, reason: str) -> None:
-        entry = self.entry(kind, node, reason)
+    def refuse(self, kind: str, path: str, reason: str, node: str = "") -> None:
+        entry = Entry(kind, node, path, reason)
         self.report.refused.append(entry)
-        if self.strict:
+        if self.config.strict:
             raise RewriteRefused(f"dilated_ops: left {entry}")
 
-    def done(self, kind: str, node: torch.fx.Node) -> None:
-        self.report.rewritten.append(self.entry(kind, node))
+    def done(self, kind: str, path: str, node: str = "") -> None:
+        self.report.rewritten.append(Entry(kind, node, path))
+
+    def consider(self, kind: str, path: str, problem: Callable[[], Optional[str]], node: str = "") -> bool:
+        """True when the call at ``path`` is selected and ``problem()`` finds nothing (the
+        caller then rewrites it and calls :meth:`done`); else it is recorded as skipped or
+        refused."""
+        if not self.selected(kind, path, node):
+            return False
+        reason = problem()
+        if reason:
+            self.refuse(kind, path, reason, node)
+            return False
+        return True
 
     def calls(self, gm: torch.fx.GraphModule, kind: str, targets, bind: Callable[[torch.fx.Node], dict],
               problem: Callable[[torch.fx.Node, dict], Optional[str]]) -> Iterator[Tuple[torch.fx.Node, dict]]:
@@ -116,15 +109,17 @@ class Decider:
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in targets:
                 continue
-            if not self.selected(kind, node):
-                continue
-            try:
-                a = bind(node)
-            except TypeError as err:
-                self.refuse(kind, node, f"arguments do not bind: {err}")
-                continue
-            reason = problem(node, a)
-            if reason:
-                self.refuse(kind, node, reason)
-                continue
-            yield node, a
+            bound = {}
+
+            def check(node=node):
+                try:
+                    bound.update(bind(node))
+                except TypeError as err:
+                    return f"arguments do not bind: {err}"
+                return problem(node, bound)
+
+            if self.consider(kind, module_path(node), check, node.name):
+                yield node, bound
+
+    def node_done(self, kind: str, node: torch.fx.Node) -> None:
+        self.done(kind, module_path(node), node.name)

@@ -1,0 +1,158 @@
+"""Why an attention call cannot become dilated attention: the refusal rules of each call kind,
+in one place. Each function returns the reason as text, or None when the call can be rewritten.
+The compile passes, the export pass, ``convert`` (at conversion and at its module's forward) and
+``rewrite_symbolic`` all ask these.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx
+
+from .config import RewriteConfig
+
+
+def example_shape(arg) -> Optional[tuple]:
+    """The shape recorded on an FX node (Dynamo's ``example_value`` or export's ``val``)."""
+    if isinstance(arg, torch.fx.Node):
+        value = arg.meta.get("example_value", arg.meta.get("val"))
+        if value is not None and hasattr(value, "shape"):
+            return tuple(value.shape)
+    return None
+
+
+def heads_problem(config: RewriteConfig, num_heads: int) -> Optional[str]:
+    """Why the op would reject ``num_heads`` heads for this config."""
+    if config.mode == "groups" and num_heads < config.num_groups:
+        return f"{num_heads} heads cannot cover {config.num_groups} dilation groups (mode 'groups')"
+    return None
+
+
+# nn.MultiheadAttention --------------------------------------------------------------------
+
+def mha_module_problem(config: RewriteConfig, num_heads, bias_k, bias_v, add_zero_attn) -> Optional[str]:
+    """What an ``nn.MultiheadAttention`` (its attributes, or the same values passed to
+    ``F.multi_head_attention_forward``) asks for that dilated attention does not do."""
+    if bias_k is not None or bias_v is not None:
+        return "add_bias_kv=True is not supported"
+    if add_zero_attn:
+        return "add_zero_attn=True is not supported"
+    return heads_problem(config, num_heads)
+
+
+def mha_call_problem(need_weights, key_padding_mask, attn_mask, is_causal) -> Optional[str]:
+    """What one call of an ``nn.MultiheadAttention`` asks for that dilated attention does not
+    do. An ``attn_mask`` with ``is_causal=True`` is taken to be the causal mask, as PyTorch's
+    hint says."""
+    if need_weights is not False:
+        return ("need_weights=True (MHA's default): dilated attention returns no attention weights; "
+                "pass need_weights=False")
+    if key_padding_mask is not None:
+        return "key_padding_mask is not supported by dilated attention"
+    if not isinstance(is_causal, bool):
+        return f"is_causal {is_causal!r} is not a Python bool"
+    if attn_mask is not None and not is_causal:
+        return "attn_mask without is_causal=True (an arbitrary mask) is not supported"
+    return None
+
+
+def static_heads_problem(embed_dim, num_heads) -> Optional[str]:
+    if not (isinstance(embed_dim, int) and isinstance(num_heads, int)) or embed_dim % num_heads:
+        return f"embed_dim {embed_dim!r} / num_heads {num_heads!r} not static ints dividing evenly"
+    return None
+
+
+def mha_functional_problem(config: RewriteConfig, a: dict, node: torch.fx.Node) -> Optional[str]:
+    """A ``F.multi_head_attention_forward`` node with bound arguments ``a`` (Dynamo graphs)."""
+    return (
+        mha_call_problem(a["need_weights"], a["key_padding_mask"], a["attn_mask"], a["is_causal"])
+        or ("static_k/static_v are not supported" if a["static_k"] is not None or a["static_v"] is not None else None)
+        or (None if a["query"] is a["key"] is a["value"] else "cross-attention (key/value not the query) is not supported")
+        or _three_d_problem(a["query"])
+        or static_heads_problem(a["embed_dim_to_check"], a["num_heads"])
+        or mha_module_problem(config, a["num_heads"], a["bias_k"], a["bias_v"], a["add_zero_attn"])
+        or weights_output_problem(node)
+    )
+
+
+def _three_d_problem(query) -> Optional[str]:
+    shape = example_shape(query)
+    if shape is not None and len(shape) != 3:
+        return f"unbatched or non-3-D query (shape {shape}) is not supported"
+    return None
+
+
+def weights_output_problem(node: torch.fx.Node) -> Optional[str]:
+    """Why an MHA call's ``(output, weights)`` result is used in a way the rewrite cannot keep:
+    anything but ``getitem 0`` (and an unused ``getitem 1``)."""
+    for user in node.users:
+        if user.op != "call_function" or user.target is not operator.getitem or user.args[1] not in (0, 1):
+            return f"the call's result is used by {user.format_node()} (expected getitem 0)"
+        if user.args[1] == 1 and user.users:
+            return "the attention weights output is used"
+    return None
+
+
+# F.scaled_dot_product_attention ----------------------------------------------------------
+
+def mask_problem(mask) -> str:
+    """Why an ``attn_mask`` is refused (every mask is: the tensor's values are unknown here)."""
+    value = mask.meta.get("example_value", mask.meta.get("val")) if isinstance(mask, torch.fx.Node) else mask
+    if getattr(value, "dtype", None) == torch.bool:
+        return ("a boolean attn_mask is not supported by dilated attention (only causal masking, "
+                "declared with is_causal=True)")
+    return "a float attn_mask (an additive bias) is not supported by dilated attention (use is_causal=True)"
+
+
+def sdpa_problem(config: RewriteConfig, a: dict) -> Optional[str]:
+    """An SDPA call with bound arguments ``a`` (q, k, v ``(batch, heads, seq, head_dim)``)."""
+    if a["attn_mask"] is not None:
+        return mask_problem(a["attn_mask"])
+    if a["enable_gqa"]:
+        return "enable_gqa=True is not supported"
+    if not isinstance(a["dropout_p"], (int, float)) or not isinstance(a["is_causal"], bool):
+        return "dropout_p / is_causal are not Python constants"
+    if a["scale"] is not None and not isinstance(a["scale"], float):
+        return f"scale {a['scale']!r} is not a Python float"
+    shapes = [example_shape(a[n]) for n in ("query", "key", "value")]
+    if any(s is None for s in shapes):
+        return "q/k/v shapes unknown (no shape metadata; for a symbolic_trace graph pass example_inputs)"
+    # Compared as text: SymInt sizes (dynamic shapes) are unhashable, and comparing them here
+    # would add guards after Dynamo has installed its own.
+    if len(shapes[0]) != 4 or len({str(s) for s in shapes}) != 1:
+        return f"q, k, v must be 4-D (batch, heads, seq, head_dim) of one shape: got {shapes}"
+    return heads_problem(config, shapes[0][1]) if isinstance(shapes[0][1], int) else None
+
+
+def exported_sdpa_problem(a: dict, has_fake_values: bool) -> Optional[str]:
+    """What the export pass refuses besides :func:`sdpa_problem`."""
+    if a["dropout_p"] != 0.0:
+        return f"dropout_p={a['dropout_p']} in an exported program (export in eval mode)"
+    if not has_fake_values:
+        return "no fake-tensor metadata (meta['val']) on the node"
+    return None
+
+
+# torch._transformer_encoder_layer_fwd (the encoder's fused eval fast path) ---------------
+
+def encoder_fast_path_problem(config: RewriteConfig, a: dict) -> Optional[str]:
+    """A fused encoder-layer node with bound arguments ``a``. A mask reaches the node merged,
+    as a tensor, without the ``is_causal`` hint, so a causal mask cannot be told from an
+    arbitrary one."""
+    if a["mask"] is not None:
+        return ("a mask (src_mask or src_key_padding_mask) reaches the fused fast path as a merged "
+                "tensor without the is_causal hint, so it cannot be told from an arbitrary mask")
+    shape = example_shape(a["src"])
+    if shape is not None and len(shape) != 3:
+        return f"non-3-D source (shape {shape}) is not supported"
+    problem = static_heads_problem(a["embed_dim"], a["num_heads"])
+    if problem:
+        return problem
+    if not all(isinstance(a[n], bool) for n in ("use_gelu", "norm_first")):
+        return "use_gelu / norm_first are not Python constants"
+    # eps: a float, or a graph input (a SymFloat under dynamic=True, before Dynamo specializes it).
+    if not isinstance(a["eps"], (float, torch.fx.Node)):
+        return f"eps {a['eps']!r} is neither a float nor a graph value"
+    return heads_problem(config, a["num_heads"])

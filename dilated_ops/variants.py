@@ -1,0 +1,156 @@
+"""The one table of dilated attention variants: for each factory name, the op it calls, the op
+arguments it fixes, what it supports, and the modules it builds.
+
+Read by the factory and its "auto" choice (:mod:`dilated_ops.factory`), the graph rewrites'
+target (:mod:`dilated_ops.fx_passes.config`), the modules, the CLI's ``bench`` and the tests'
+opcheck matrix; the README's table of implementations is :func:`markdown_table` (a test keeps it
+in step). Adding a variant: a kernel file, a registration file, one row here.
+
+Below the API and the graph passes: it imports the ops (``registrations``) and names the module
+classes as strings, which :mod:`dilated_ops.factory` looks up in :mod:`dilated_ops.modules`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import _checks, _env
+from . import registrations  # noqa: F401 (registers torch.ops.dilated)
+
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+# "auto" picks "ring" above this declared sequence length (max_seq_len=): in one process ring
+# computes what improved computes; the threshold marks where sharding the sequence over devices
+# (ring across processes) is what one would want, a million tokens.
+RING_MIN_SEQ_LEN = 1_000_000
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row. ``op`` is the ``torch.ops.dilated`` packet the modules and the rewritten graphs
+    call, with the common arguments ``(q, k, v, segment_lengths, dilation_rates, mode,
+    is_causal, scale, dropout_p, dropout_seed)`` and the keyword arguments ``op_args``. A row
+    with ``missing`` set is not built: asking for it raises NotImplementedError with that text,
+    never a silent fallback."""
+
+    name: str
+    summary: str
+    op: Optional[object] = None
+    op_args: Tuple[Tuple[str, object], ...] = ()
+    devices: Tuple[Tuple[str, Tuple[torch.dtype, ...]], ...] = ()  # (device type, dtypes)
+    head_dims: str = "any"
+    causal: bool = False
+    dropout: bool = False
+    masks: bool = False
+    gqa: bool = False
+    process_group: bool = False
+    module: Optional[str] = None            # single-head: q, k, v (batch, seq, heads, head_dim)
+    multihead_module: Optional[str] = None  # multihead: (batch, seq, embed_dim), projections
+    notes: str = ""
+    missing: Optional[str] = None
+
+    @property
+    def built(self) -> bool:
+        return self.missing is None
+
+    @property
+    def op_kwargs(self) -> Dict[str, object]:
+        return dict(self.op_args)
+
+    def dtypes(self, device_type: str) -> Tuple[torch.dtype, ...]:
+        """The dtypes this variant runs on ``device_type`` ("cpu", "cuda"); () if none."""
+        return dict(self.devices).get(device_type, ())
+
+
+VARIANTS: Dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(
+            "standard", "PyTorch's own attention kernels on strided segment views",
+            op=torch.ops.dilated.dilated_attention, op_args=(("backend", "sdpa"),),
+            devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
+            module="DilatedAttention", multihead_module="MultiheadDilatedAttention",
+        ),
+        Variant(
+            "improved", "the fastest kernels we have for the device; elsewhere as standard",
+            op=torch.ops.dilated.dilated_attention, op_args=(("backend", "auto"),),
+            devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
+            module="ImprovedDilatedAttention", multihead_module="ImprovedMultiheadDilatedAttention",
+            notes="our Triton forward on CUDA (sm80+) for float16/bfloat16, head_dim 64, groups mode, no dropout",
+        ),
+        Variant(
+            "ring", "one process: the op of improved (SPEC section 5: ring result = plain result)",
+            op=torch.ops.dilated.dilated_attention, op_args=(("backend", "auto"),),
+            devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
+            module="RingDilatedAttention", multihead_module="RingMultiheadDilatedAttention",
+            notes="NotImplementedError in a process group of world size > 1",
+        ),
+        Variant(
+            "distributed", "LongNet's sequence-parallel attention across processes",
+            missing="distributed: sequence-parallel dilated attention across processes (SPEC section 5) "
+            "is not built yet",
+        ),
+        Variant(
+            "block_sparse", "block-sparse attention",
+            missing="block_sparse: block-sparse attention (SPEC section 4) is not built yet",
+        ),
+    )
+}
+NAMES = ("auto",) + tuple(VARIANTS)
+
+
+def get(name: str) -> Variant:
+    """The built variant called ``name`` (not "auto": see :func:`choose`). ValueError for an
+    unknown name, NotImplementedError for one not built yet."""
+    if name not in VARIANTS:
+        raise ValueError(f"implementation must be one of {', '.join(map(repr, NAMES))}: got {name!r}")
+    variant = VARIANTS[name]
+    if variant.missing:
+        raise NotImplementedError(variant.missing)
+    return variant
+
+
+def choose(max_seq_len: Optional[int] = None, device=None) -> Tuple[str, str]:
+    """What "auto" picks, and why: distributed when a process group of world size > 1 is
+    initialized; ring when the declared ``max_seq_len`` exceeds :data:`RING_MIN_SEQ_LEN`;
+    improved on CUDA (``device`` if given, else whether CUDA is available); standard otherwise."""
+    if max_seq_len is not None:
+        _checks.check_positive_int("max_seq_len", max_seq_len)
+    world = _env.distributed_world_size()
+    if world > 1:
+        return "distributed", f"auto: a torch.distributed process group of world size {world} is initialized"
+    if max_seq_len is not None and max_seq_len > RING_MIN_SEQ_LEN:
+        return "ring", f"auto: max_seq_len={max_seq_len} > {RING_MIN_SEQ_LEN}"
+    if device is not None:
+        if torch.device(device).type == "cuda":
+            return "improved", f"auto: device={str(device)!r} is CUDA"
+        return "standard", f"auto: device={str(device)!r} is not CUDA, where improved runs standard's kernels"
+    if _env.cuda_available():
+        return "improved", "auto: CUDA is available"
+    return "standard", "auto: no CUDA device, where improved runs standard's kernels"
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def markdown_table() -> str:
+    """The table as Markdown (the README's copy is checked against it)."""
+    yes = {True: "yes", False: "no"}
+    rows = ["| name | what it runs | devices: dtypes | head_dim | causal | dropout | masks | GQA | "
+            "process group | modules | notes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in VARIANTS.values():
+        if not v.built:
+            rows.append(f"| `{v.name}` | {v.summary} | not built | | | | | | | | {v.missing} |")
+            continue
+        devices = "; ".join(f"{dev}: {_dtype_names(dts)}" for dev, dts in v.devices)
+        rows.append(
+            f"| `{v.name}` | {v.summary} | {devices} | {v.head_dims} | {yes[v.causal]} | {yes[v.dropout]} | "
+            f"{yes[v.masks]} | {yes[v.gqa]} | {yes[v.process_group]} | `{v.module}`, `{v.multihead_module}` | "
+            f"{v.notes} |"
+        )
+    return "\n".join(rows)
