@@ -28,19 +28,20 @@ class Cache(NamedTuple):
     holds: str
 
 
-def _triton_forward():
-    """The Triton forward module once a call has loaded it (importing it here would load
-    Triton with the package); None before that and on installs without Triton."""
-    return sys.modules.get(f"{__package__}.kernels.triton_forward")
+def _triton_replay():
+    """The Triton launch-replay module once a call has loaded it (with the Triton forward;
+    importing it here would load Triton with the package); None before that and on installs
+    without Triton."""
+    return sys.modules.get(f"{__package__}.kernels.triton_replay")
 
 
 def _recorded_launches() -> int:
-    module = _triton_forward()
+    module = _triton_replay()
     return module.num_recorded() if module is not None else 0
 
 
 def _clear_recorded_launches() -> None:
-    module = _triton_forward()
+    module = _triton_replay()
     if module is not None:
         module.clear_recorded()
 
@@ -52,7 +53,7 @@ CACHES: Dict[str, Cache] = {
         clear=segments.plan.cache_clear,
         holds="attention launch plans per (heads, segment_lengths, dilation_rates, mode): Python data",
     ),
-    "kernels.triton_forward.launches": Cache(
+    "kernels.triton_replay.launches": Cache(
         entries=_recorded_launches,
         tensor_bytes=lambda: 0,  # offsets, strides and compiled-kernel handles, no tensors
         clear=_clear_recorded_launches,
@@ -66,9 +67,20 @@ _LOCK = threading.Lock()
 
 
 def get_memory_pool_info() -> dict:
-    """``total_buffers``: cached entries over all the library's caches; ``total_memory_mb``:
-    MiB of tensors those caches hold (0.0 while they hold only Python data, whose few hundred
-    bytes per entry are not counted); ``caches``: the same per cache, with what it holds."""
+    """What the library's own caches (:data:`CACHES`) hold now; a consistent snapshot, taken
+    under the lock :func:`clear_memory_pool` takes.
+
+    Returns:
+        a dict:
+
+        - ``total_buffers`` (int): cached entries over all the library's caches;
+        - ``total_memory_mb`` (float): MiB of tensors those caches hold (0.0 while they hold
+          only Python data, whose size is not counted);
+        - ``caches`` (dict): per cache name, ``{"entries": int, "tensor_bytes": int,
+          "holds": str}`` (what it holds);
+        - ``allocator`` (str): a reminder that PyTorch's caching allocator, where the tensors
+          live, is not part of this report (see ``torch.cuda.memory_stats`` for that).
+    """
     with _LOCK:
         caches = {
             name: {"entries": c.entries(), "tensor_bytes": c.tensor_bytes(), "holds": c.holds}
@@ -84,7 +96,12 @@ def get_memory_pool_info() -> dict:
 
 
 def clear_memory_pool() -> None:
-    """Empty every cache the library keeps (they refill on the next calls)."""
+    """Empty every cache the library keeps (:data:`CACHES`; they refill on the next calls).
+    Frees no tensor memory of PyTorch's caching allocator (``torch.cuda.empty_cache`` does).
+
+    Returns:
+        None.
+    """
     with _LOCK:
         for c in CACHES.values():
             c.clear()

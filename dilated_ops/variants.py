@@ -65,29 +65,24 @@ class Variant:
         return dict(self.devices).get(device_type, ())
 
 
+def _on_dilated_op(name: str, summary: str, backend: str, module: str, notes: str = "") -> Variant:
+    """A row over ``torch.ops.dilated.dilated_attention`` with the op's ``backend`` argument."""
+    return Variant(
+        name, summary, op=torch.ops.dilated.dilated_attention, op_args=(("backend", backend),),
+        devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
+        module=f"{module}DilatedAttention", multihead_module=f"{module}MultiheadDilatedAttention", notes=notes,
+    )
+
+
 VARIANTS: Dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant(
-            "standard", "PyTorch's own attention kernels on strided segment views",
-            op=torch.ops.dilated.dilated_attention, op_args=(("backend", "sdpa"),),
-            devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
-            module="DilatedAttention", multihead_module="MultiheadDilatedAttention",
-        ),
-        Variant(
-            "improved", "the fastest kernels we have for the device; elsewhere as standard",
-            op=torch.ops.dilated.dilated_attention, op_args=(("backend", "auto"),),
-            devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
-            module="ImprovedDilatedAttention", multihead_module="ImprovedMultiheadDilatedAttention",
-            notes="our Triton forward on CUDA (sm80+) for float16/bfloat16, head_dim 64, groups mode, no dropout",
-        ),
-        Variant(
-            "ring", "one process: the op of improved (SPEC section 5: ring result = plain result)",
-            op=torch.ops.dilated.dilated_attention, op_args=(("backend", "auto"),),
-            devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
-            module="RingDilatedAttention", multihead_module="RingMultiheadDilatedAttention",
-            notes="NotImplementedError in a process group of world size > 1",
-        ),
+        _on_dilated_op("standard", "PyTorch's own attention kernels on strided segment views", "sdpa", ""),
+        _on_dilated_op("improved", "the fastest kernels we have for the device; elsewhere as standard", "auto",
+                       "Improved", "our Triton forward on CUDA (sm80+) for float16/bfloat16, head_dim 64, groups "
+                       "mode, no dropout"),
+        _on_dilated_op("ring", "one process: the op of improved (SPEC section 5: ring result = plain result)",
+                       "auto", "Ring", "NotImplementedError in a process group of world size > 1"),
         Variant(
             "distributed", "LongNet's sequence-parallel attention across processes",
             missing="distributed: sequence-parallel dilated attention across processes (SPEC section 5) "
@@ -106,7 +101,8 @@ def get(name: str) -> Variant:
     """The built variant called ``name`` (not "auto": see :func:`choose`). ValueError for an
     unknown name, NotImplementedError for one not built yet."""
     if name not in VARIANTS:
-        raise ValueError(f"implementation must be one of {', '.join(map(repr, NAMES))}: got {name!r}")
+        names = ("auto",) + tuple(VARIANTS)
+        raise ValueError(f"implementation must be one of {', '.join(map(repr, names))}: got {name!r}")
     variant = VARIANTS[name]
     if variant.missing:
         raise NotImplementedError(variant.missing)

@@ -195,17 +195,17 @@ def test_replayed_launches_match_the_plain_launches(layout, b, n, h, segs, rates
     # The first call of a layout records its Triton launches, later calls replay them on new
     # tensors; the replay must compute exactly what the plain (JIT) launches do, write every
     # element (poisoned memory), and not reuse launches across layouts.
-    from dilated_ops.kernels import triton_forward
+    from dilated_ops.kernels import triton_replay
     from dilated_ops.kernels.segments import plan, segment_views
 
-    if not triton_forward.REPLAY:
-        pytest.skip(f"launch replay is off for Triton {triton_forward.triton.__version__}")
-    triton_forward.clear_recorded()
+    if not triton_replay.REPLAY:
+        pytest.skip(f"launch replay is off for Triton {triton_replay.triton.__version__}")
+    triton_replay.clear_recorded()
     call = lambda q, k, v: torch.ops.dilated.dilated_attention(q, k, v, segs, rates, "groups", is_causal)
     q_rec, k_rec, v_rec = _replay_inputs(layout, b, n, h)
     call(q_rec, k_rec, v_rec)
-    assert triton_forward.num_recorded() == 1
-    (rec,) = triton_forward._LAUNCHES.values()
+    assert triton_replay.num_recorded() == 1
+    (rec,) = triton_replay._LAUNCHES.values()
     launches = rec.launches
     assert rec.direct is not None, "Triton 3.6: replays go straight to the C launcher"
     pieces = [p for c in plan(h, tuple(segs), tuple(rates), "groups") for p in segment_views(q_rec, c)]
@@ -219,7 +219,7 @@ def test_replayed_launches_match_the_plain_launches(layout, b, n, h, segs, rates
     del poison, poison_lse
     out, lse = call(q, k, v)
     assert out.data_ptr() == ptr and lse.data_ptr() == ptr_lse, "allocator did not reuse the poisoned blocks"
-    assert triton_forward.num_recorded() == 1, "same layout: replayed, not recorded again"
+    assert triton_replay.num_recorded() == 1, "same layout: replayed, not recorded again"
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert len(rec.ready) == 1, "one argument set per set of base pointers"
     first = out.clone(), lse.clone()
@@ -229,10 +229,10 @@ def test_replayed_launches_match_the_plain_launches(layout, b, n, h, segs, rates
     assert (out.data_ptr(), lse.data_ptr()) == (ptr, ptr_lse) and len(rec.ready) == 1
     assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
 
-    monkeypatch.setattr(triton_forward, "REPLAY", False)
-    triton_forward.clear_recorded()
+    monkeypatch.setattr(triton_replay, "REPLAY", False)
+    triton_replay.clear_recorded()
     plain_out, plain_lse = call(q, k, v)
-    assert triton_forward.num_recorded() == 0
+    assert triton_replay.num_recorded() == 0
     assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
     ref = dilated_attention_reference(q.double(), k.double(), v.double(), segs, rates, is_causal=is_causal)
     assert rel(out, ref) < 2e-2
@@ -241,17 +241,17 @@ def test_replayed_launches_match_the_plain_launches(layout, b, n, h, segs, rates
 def test_replay_calls_triton_launch_hooks():
     # A launch hook (a profiler such as proton) must see every replayed launch: with one set,
     # replays take Triton's launch path instead of the C launcher, with the same results.
-    from dilated_ops.kernels import triton_forward
+    from dilated_ops.kernels import triton_replay
 
-    if not triton_forward.REPLAY:
-        pytest.skip(f"launch replay is off for Triton {triton_forward.triton.__version__}")
-    triton_forward.clear_recorded()
+    if not triton_replay.REPLAY:
+        pytest.skip(f"launch replay is off for Triton {triton_replay.triton.__version__}")
+    triton_replay.clear_recorded()
     q, k, v = _replay_inputs("contiguous", 2, 1000, 6)
     segs, rates = [128, 512], [1, 4]
     direct = [dilated_ops.dilated_attention(q, k, v, segs, rates) for _ in range(2)][-1]
-    (rec,) = triton_forward._LAUNCHES.values()
+    (rec,) = triton_replay._LAUNCHES.values()
     seen = []
-    hooks = triton_forward.triton.knobs.runtime.launch_enter_hook  # Triton 3.6: a HookChain
+    hooks = triton_replay.triton.knobs.runtime.launch_enter_hook  # Triton 3.6: a HookChain
     hook = lambda metadata: seen.append(metadata.get()["name"])
     hooks.add(hook)
     try:
@@ -268,11 +268,11 @@ def test_replay_calls_triton_launch_hooks():
 def test_replay_keys_on_alignment_and_config():
     # Same shape and strides, base pointers 16-byte aligned or not, causal or not: four
     # layouts, each with its own launches, each correct.
-    from dilated_ops.kernels import triton_forward
+    from dilated_ops.kernels import triton_replay
 
-    if not triton_forward.REPLAY:
-        pytest.skip(f"launch replay is off for Triton {triton_forward.triton.__version__}")
-    triton_forward.clear_recorded()
+    if not triton_replay.REPLAY:
+        pytest.skip(f"launch replay is off for Triton {triton_replay.triton.__version__}")
+    triton_replay.clear_recorded()
     b, n, h, d, segs, rates = 1, 1500, 6, 64, [256, 1024], [1, 4]
     numel = b * n * h * d
     flat = torch.randn(3, numel + 8, device="cuda", dtype=torch.bfloat16)
@@ -282,8 +282,8 @@ def test_replay_keys_on_alignment_and_config():
             out = dilated_ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal)
             ref = dilated_attention_reference(q.double(), k.double(), v.double(), segs, rates, is_causal=is_causal)
             assert rel(out, ref) < 2e-2, (start, is_causal)
-    assert triton_forward.num_recorded() == 4
-    info = dilated_ops.get_memory_pool_info()["caches"]["kernels.triton_forward.launches"]
+    assert triton_replay.num_recorded() == 4
+    info = dilated_ops.get_memory_pool_info()["caches"]["kernels.triton_replay.launches"]
     assert info["entries"] == 4 and info["tensor_bytes"] == 0
     dilated_ops.clear_memory_pool()
-    assert triton_forward.num_recorded() == 0
+    assert triton_replay.num_recorded() == 0

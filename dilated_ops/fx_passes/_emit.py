@@ -11,7 +11,6 @@ import torch
 import torch.fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from ..attention_block import attention_block
 from .config import RewriteConfig
 
 

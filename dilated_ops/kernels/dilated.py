@@ -1,5 +1,6 @@
 """Dilated attention (SPEC sections 2-3), forward and backward, on PyTorch's attention kernels
-(and, for the groups forward, our Triton kernel that writes in place: triton_forward.py).
+(and, for the groups forward, our Triton kernel that writes in place: triton_forward.py, its
+launches recorded and replayed by triton_replay.py).
 
 Every tensor is ``(batch, seq, heads, head_dim)``; the log-sum-exp is ``(batch, seq, heads)``.
 Each branch runs as one attention launch per piece of :func:`segments.segment_views` (the full
@@ -34,15 +35,16 @@ def _dense_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_forward(q: torch.Tensor, dropout_p: float, scale: float):
-    """The Triton in-place forward module when it applies to q, else None (CPU installs
-    without Triton included)."""
+    """``(triton_forward, triton_replay)``, the Triton in-place forward module and its launch
+    replay, when the forward applies to q, else None (CPU installs without Triton included).
+    Imported here, on first use, so that the package never loads Triton where it cannot apply."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or dropout_p > 0.0:
         return None
     try:
-        from . import triton_forward
+        from . import triton_forward, triton_replay
     except ImportError:
         return None
-    return triton_forward if triton_forward.supported(q, dropout_p, scale) else None
+    return (triton_forward, triton_replay) if triton_forward.supported(q, dropout_p, scale) else None
 
 
 def empty_output(q: torch.Tensor) -> torch.Tensor:
@@ -77,11 +79,12 @@ def _into(g: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return g if g.dim() == dst.dim() else from_bhld(g, dst)
 
 
-def _groups_triton(triton_fwd, q, k, v, calls, is_causal: bool, scale: float, lse_dtype: torch.dtype, config):
-    """Groups-mode forward on the Triton kernel. No fill pass before it: the kernel also writes
-    0 / -inf at the positions of a branch's segments that no branch selects for its heads
-    (``fill``), so the GPU starts on attention sooner after the call; only the trailing partial
-    segments of branches with rate > 1 get a (small) fill first.
+def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, lse_dtype: torch.dtype, config):
+    """Groups-mode forward on the Triton kernel (``triton_mods``: :func:`_triton_forward`'s pair
+    of modules). No fill pass before it: the kernel also writes 0 / -inf at the positions of a
+    branch's segments that no branch selects for its heads (``fill``), so the GPU starts on
+    attention sooner after the call; only the trailing partial segments of branches with
+    rate > 1 get a (small) fill first.
 
     The launches are recorded per input layout (``config``: what else fixes them) and replayed
     on later calls, without building the views again: the GPU waits for the host's first
@@ -89,8 +92,9 @@ def _groups_triton(triton_fwd, q, k, v, calls, is_causal: bool, scale: float, ls
     if q.device.index != torch.cuda.current_device():
         # Triton launches on the current device (its stream, its loaded kernel).
         with torch.cuda.device(q.device):
-            return _groups_triton(triton_fwd, q, k, v, calls, is_causal, scale, lse_dtype, config)
-    b, n, h, _ = q.shape
+            return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype, config)
+    triton_fwd, triton_rep = triton_mods
+    b, n, h, d = q.shape
     out = empty_output(q)
     lse = torch.empty((b, n, h), dtype=lse_dtype, device=q.device)
     for call in calls:
@@ -98,10 +102,10 @@ def _groups_triton(triton_fwd, q, k, v, calls, is_causal: bool, scale: float, ls
         if call.rate > 1 and tail < n:
             out[:, tail:, call.heads].zero_()
             lse[:, tail:, call.heads].fill_(float("-inf"))
-    key = triton_fwd.layout_key(q, k, v, out, lse, is_causal, scale, *config)
-    recorded = triton_fwd.recorded(key)
+    key = triton_rep.layout_key(q, k, v, out, lse, *triton_fwd.launch_config(d), is_causal, scale, *config)
+    recorded = triton_rep.recorded(key)
     if recorded is not None:
-        triton_fwd.replay(recorded, q, k, v, out, lse)
+        triton_rep.replay(recorded, q, k, v, out, lse)
         return out, lse
     launches = []
     for call in calls:
@@ -110,7 +114,7 @@ def _groups_triton(triton_fwd, q, k, v, calls, is_causal: bool, scale: float, ls
             full_segments = pi == 0 and n >= call.seg_len
             launches.append(triton_fwd.forward_into(qp, kp, vp, outp, lsep, is_causal, scale, 1.0 / len(calls),
                                                     fill if full_segments else None, (q, k, v, out, lse)))
-    triton_fwd.record(key, launches)
+    triton_rep.record(key, launches)
     return out, lse
 
 
@@ -138,12 +142,12 @@ def dilated_attention_forward(
     lse_dtype = attention.lse_dtype(q.dtype)
 
     if mode == "groups":
-        triton_fwd = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
-        if triton_fwd is not None:
-            return _groups_triton(triton_fwd, q, k, v, calls, is_causal, scale, lse_dtype,
+        triton_mods = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
+        if triton_mods is not None:
+            return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype,
                                   (tuple(segment_lengths), tuple(dilation_rates)))
-        # One contiguous fill each: 0.135 ms for out at n = 256K bf16 on the H100 against 0.20
-        # ms for a strided fill of only the heads of rate > 1 branches (a third fewer bytes).
+        # One contiguous fill each: it measured faster than a strided fill of only the heads of
+        # rate > 1 branches, though that writes fewer bytes (benchmarks/RESULTS.md).
         out = empty_output(q).zero_()
         lse = torch.empty((b, n, h), dtype=lse_dtype, device=q.device).fill_(float("-inf"))
         for ci, call in enumerate(calls):

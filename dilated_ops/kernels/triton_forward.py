@@ -8,33 +8,35 @@ strides with a unit stride on head_dim. One program per (query tile, batch, segm
 CUDA only, float16/bfloat16, head_dim 16..128 (power of two), no dropout: :func:`supported`.
 Imported only when those hold, so CPU installs need no Triton.
 
-A call's launches are recorded per input layout (:func:`layout_key`) and replayed on later calls
-(:func:`replay`) through the compiled kernel's C launcher: the GPU idles until the host issues the
-first launch, and Triton's JIT and Python launch paths and the strided views were most of that
-host time.
+:func:`forward_into` returns each launch as a :class:`triton_replay.Launch` for
+:mod:`triton_replay`, which records a call's launches per input layout and replays them on later
+calls.
 """
 from __future__ import annotations
 
 import os
-import threading
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import triton_replay
 from .attention import device_capability
+from .triton_replay import Launch
 
 # Tile configuration per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), from
-# benchmarks/sweep_triton.py on the H100 (64x64, 4 warps, 3 stages was best at d=64).
+# benchmarks/sweep_triton.py on Hopper (the fastest there at d=64 and d=128: benchmarks/RESULTS.md,
+# "tile sweep").
 CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3)}
-# Where the op uses it: head dims where it measured faster than SDPA on views + copy
-# (d=64: 2.44 vs 2.74 ms; d=128: 4.46 vs 3.88 ms, so not there).
+# Where the op uses it: head dims where it measured faster than SDPA on views + copy; at d=128
+# even the best tiles were slower than that, so not there (benchmarks/RESULTS.md, "tile sweep").
 FASTER_HEAD_DIMS = (64,)
 ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
 # Load q, k, v through host-built 5-D TMA descriptors on Hopper when the views are 16-byte
-# aligned (measured 2.45 vs 2.65 ms with pointer loads at 256K, same run), else pointer loads.
+# aligned (they measured faster than pointer loads: benchmarks/RESULTS.md, "tile sweep"), else
+# pointer loads.
 USE_TMA = (
     os.environ.get("DILATED_OPS_TMA", "1") != "0"
     and torch.cuda.is_available()
@@ -175,6 +177,12 @@ def _dilated_fwd(
             tl.store(l_base + delta * sln + offs_m * sll, ninf, mask=row_ok)
 
 
+def launch_config(head_dim: int) -> tuple:
+    """This module's settings that fix a launch over ``head_dim`` (TMA on or off, the tile
+    configuration): part of :func:`triton_replay.layout_key`'s ``config``."""
+    return (USE_TMA, CONFIGS.get(head_dim))
+
+
 def _launch_args(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: float,
                  fill: Optional[Tuple[int, int]]):
     """``(grid, kernel arguments after the five tensors, keyword options, use_tma)`` of one
@@ -206,8 +214,8 @@ def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: fl
     of those segments, the positions no branch selects for these heads in groups mode.
 
     ``bases``: the tensors ``(q, k, v, out, lse)`` the pieces are views of; then the launch is
-    returned as a :class:`Launch` that :func:`replay` repeats on other tensors of the same
-    layout (None when nothing was launched)."""
+    returned as a :class:`triton_replay.Launch` that :func:`triton_replay.replay` repeats on
+    other tensors of the same layout (None when nothing was launched, or replay is off)."""
     b, s, length, h, d = q.shape
     if length == 0 or b * s * h == 0:
         return None
@@ -224,193 +232,8 @@ def forward_into(q, k, v, out, lse, is_causal: bool, scale: float, out_scale: fl
     else:
         descs = (q, k, v)
     kernel = _dilated_fwd[grid](*descs, out, lse, *rest, **constexprs, **options)
-    if bases is None or not REPLAY:
+    if bases is None or not triton_replay.REPLAY:
         return None
     offsets = tuple(t.data_ptr() - base.data_ptr() for t, base in zip((q, k, v, out, lse), bases))
     tma = tuple((tuple(x.shape), tuple(x.strides), tuple(x.block_shape)) for x in descs) if use_tma else None
     return Launch(kernel, grid, offsets, tma, rest + tuple(constexprs.values()))
-
-
-# Replaying recorded launches: the host work of a launch through Triton's JIT (binding and
-# specializing 40 arguments, building descriptors, the cache lookup) and of the strided views is
-# done once per input layout. Each launch then goes straight to the compiled kernel's C launcher
-# with its final arguments, built once per set of base pointers (and stream): Triton's Python
-# launch path (launch metadata, scratch closures, one cuTensorMapEncode per TMA descriptor) cost
-# 23 us per launch on the H100 machine's host, and the GPU waits for the first. Checked against
-# Triton 3.6's launcher (pointers as ints, host descriptors read through .base.data_ptr(), .shape,
-# .strides, .padding; the C launcher's leading arguments); other versions take the plain path every
-# call, as does DILATED_OPS_TRITON_REPLAY=0. With a launch hook set (a profiler such as proton),
-# replays go through Triton's launch path, which calls it.
-REPLAY = (
-    os.environ.get("DILATED_OPS_TRITON_REPLAY", "1") != "0"
-    and tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
-)
-_MAX_LAYOUTS = 256
-_MAX_POINTER_SETS = 16  # per layout: the argument tuples of the last few calls' base pointers
-_LAUNCHES: Dict[tuple, "Recorded"] = {}
-_RECORD_LOCK = threading.Lock()  # lookups need none: a dict read is atomic
-
-
-class Launch(NamedTuple):
-    """One recorded launch: the compiled kernel, its grid, the byte offsets of the q, k, v, out,
-    lse pieces from their base tensors, the q, k, v descriptors' (shape, strides, block) when
-    it loads through TMA, and the remaining arguments (constexprs last, as Triton passes them)."""
-
-    kernel: object
-    grid: Tuple[int, int, int]
-    offsets: Tuple[int, ...]
-    tma: Optional[tuple]
-    rest: tuple
-
-
-class Direct(NamedTuple):
-    """A compiled kernel's C launcher and what it takes besides the stream and the kernel's own
-    arguments; ``expand`` turns those into the C launcher's (host descriptors into CUtensorMaps)."""
-
-    launch: Callable
-    expand: Callable
-    head: tuple  # (grid x, y, z)
-    tail: tuple  # function .. launch exit hook: the C launcher's arguments after the stream
-
-
-class Recorded:
-    """The launches of one layout, their direct launchers (None where Triton's launcher is not
-    the one this module knows) and the C launchers' argument tuples per (stream, base pointers)."""
-
-    __slots__ = ("launches", "direct", "ready")
-
-    def __init__(self, launches: Tuple[Launch, ...]):
-        self.launches = launches
-        direct = tuple(_direct(x.kernel, x.grid) for x in launches)
-        self.direct = direct if all(d is not None for d in direct) else None
-        self.ready: Dict[tuple, tuple] = {}
-
-
-def _direct(kernel, grid) -> Optional[Direct]:
-    """The C launcher behind ``kernel[grid](...)`` (Triton 3.6's ``CudaLauncher``), or None."""
-    try:
-        from triton.backends.nvidia import driver as nvidia
-
-        launcher = kernel.run
-        if launcher.global_scratch_size or launcher.profile_scratch_size:
-            return None  # scratch is allocated per launch
-        expand = nvidia.wrap_handle_tensordesc(_identity, kernel.src.signature,
-                                               getattr(kernel.metadata, "tensordesc_meta", None))
-        c_launch = launcher.launch
-        if expand is not _identity:  # Triton wrapped its C launcher to expand the descriptors
-            cells = dict(zip(c_launch.__code__.co_freevars, (c.cell_contents for c in c_launch.__closure__)))
-            c_launch = cells["launcher"]
-        tail = (kernel.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
-                kernel.packed_metadata, None, None, None)
-        return Direct(c_launch, expand, tuple(grid), tail)
-    except (AttributeError, KeyError, TypeError, ImportError):
-        return None
-
-
-def _identity(*args):
-    return args
-
-
-class _Address:
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-    def data_ptr(self) -> int:
-        return self.ptr
-
-
-class _Descriptor:
-    """A host TMA descriptor as Triton's launcher reads it, without TensorDescriptor's checks
-    (made on the recorded launch)."""
-
-    __slots__ = ("base", "shape", "strides", "block_shape")
-    padding = "zero"
-
-    def __init__(self, ptr: int, shape, strides, block_shape):
-        self.base = _Address(ptr)
-        self.shape, self.strides, self.block_shape = shape, strides, block_shape
-
-
-def layout_key(q, k, v, out, lse, *config) -> tuple:
-    """What fixes the launches of a call: shapes, strides, dtype, device, the 16-byte alignment
-    of every base pointer (Triton specializes on it), the tile configuration and ``config``."""
-    d = q.shape[-1]
-    return (
-        q.shape, q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(), q.dtype, q.device.index,
-        q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16, lse.data_ptr() % 16,
-        USE_TMA, CONFIGS.get(d), *config,
-    )
-
-
-def recorded(key: tuple) -> Optional[Recorded]:
-    """The launches recorded for ``key``; None if none are, or replay is off."""
-    return _LAUNCHES.get(key) if REPLAY else None
-
-
-def record(key: tuple, launches) -> None:
-    """Keep the launches of one call (:func:`forward_into`'s results) for ``key``; the oldest
-    layout goes once ``_MAX_LAYOUTS`` are kept."""
-    launches = tuple(x for x in launches if x is not None)  # None: an empty piece, no launch
-    if not REPLAY or any(x.kernel is None for x in launches):
-        return
-    rec = Recorded(launches)
-    with _RECORD_LOCK:
-        if len(_LAUNCHES) >= _MAX_LAYOUTS:
-            _LAUNCHES.pop(next(iter(_LAUNCHES)))
-        _LAUNCHES[key] = rec
-
-
-def clear_recorded() -> None:
-    with _RECORD_LOCK:
-        _LAUNCHES.clear()
-
-
-def num_recorded() -> int:
-    return len(_LAUNCHES)
-
-
-def _kernel_args(launch: Launch, ptrs) -> list:
-    """``launch``'s kernel arguments for base pointers ``ptrs`` (q, k, v, out, lse)."""
-    p = [base + off for base, off in zip(ptrs, launch.offsets)]
-    if launch.tma is not None:
-        for i, (shape, strides, block) in enumerate(launch.tma):
-            p[i] = _Descriptor(p[i], shape, strides, block)
-    return [*p, *launch.rest]
-
-
-def _hook_set(hook) -> bool:
-    # Triton 3.6 keeps each launch hook as a HookChain (its ``calls`` empty when none is added);
-    # a plain callable assigned in its place counts as set.
-    calls = getattr(hook, "calls", None)
-    return bool(calls) if isinstance(calls, list) else hook is not None
-
-
-def _hooked() -> bool:
-    rt = triton.knobs.runtime
-    return _hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook)
-
-
-def replay(rec: Recorded, q, k, v, out, lse) -> None:
-    """Repeat the launches of ``rec`` (recorded by :func:`forward_into` for tensors of this
-    layout) on q, k, v, out, lse ``(batch, seq, heads, ...)``."""
-    ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
-    stream = triton.runtime.driver.active.get_current_stream(q.device.index)
-    if rec.direct is None or _hooked():
-        for launch in rec.launches:
-            launch.kernel[launch.grid](*_kernel_args(launch, ptrs), stream=stream)
-        return
-    ready = rec.ready.get((stream, ptrs))
-    if ready is None:
-        # A descriptor encodes its base pointer, shape and strides; the layout fixes the latter
-        # two, so the arguments built here hold for any later call with these pointers.
-        ready = tuple(
-            (d.launch, d.expand(*d.head, stream, *d.tail, *_kernel_args(launch, ptrs)))
-            for launch, d in zip(rec.launches, rec.direct)
-        )
-        if len(rec.ready) >= _MAX_POINTER_SETS:
-            rec.ready.pop(next(iter(rec.ready)), None)
-        rec.ready[(stream, ptrs)] = ready
-    for c_launch, args in ready:
-        c_launch(*args)
