@@ -1,30 +1,33 @@
-"""Timing shared by ``benchmarks/bench_dilated.py`` and ``dilated-ops bench``: one way to time
-things. CUDA: median of CUDA-event timings after warm-up, peak memory from the caching
-allocator. CPU: median of ``time.perf_counter`` timings after warm-up; no peak memory (PyTorch
-keeps no allocator statistics on the CPU)."""
+"""Private helpers of ``dilated-ops bench`` (:mod:`dilated_ops.cli.bench`), the one benchmark
+command: timing, useful-FLOP counts, the baselines the op is compared with, and the two
+profiles. Not package API.
+
+Timing: on CUDA the median of CUDA-event timings after warm-up, peak memory from the caching
+allocator; on the CPU the median of ``time.perf_counter`` timings after warm-up and no peak
+memory (PyTorch keeps no allocator statistics on the CPU). Everything a table compares is
+measured in one process, one row after another, so rows compare with each other and not with
+another run's.
+"""
 from __future__ import annotations
 
+import cProfile
+import functools
+import io
+import pstats
 import statistics
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .kernels.segments import head_groups
 
 
-def set_triton(enabled: bool) -> None:
-    """Turns our Triton forward on or off for the whole process (same as ``backend="sdpa"``)."""
-    try:
-        from .kernels import triton_forward
-    except ImportError:
-        return
-    triton_forward.ENABLED = enabled
-
-
 def useful_flops(n, h, d, segs, rates, mode, is_causal) -> float:
     """Useful forward FLOPs of the dilated op: per branch ``4 * heads_used * n * (w / r^2) * d``
-    (halved when causal); the backward is counted as 2.5x the forward."""
+    (halved when causal); the backward is counted as 2.5x the forward. Only the work the pattern
+    needs: padding, fills and copies count for nothing, so implementations compare per FLOP."""
     heads = [hi - lo for lo, hi in head_groups(h, len(segs))] if mode == "groups" else [h] * len(segs)
     fwd = sum(4 * hh * n * (w / r**2) * d for hh, w, r in zip(heads, segs, rates))
     return fwd / (2 if is_causal else 1)
@@ -35,12 +38,16 @@ def dense_flops(n, h, d, is_causal) -> float:
     return 4 * h * n * n * d / (2 if is_causal else 1)
 
 
+# Backward FLOPs per forward FLOP: five matmuls against the forward's two (FlashAttention's count).
+BACKWARD_FLOP_FACTOR = 2.5
+
+
 def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-# About 20 ms of GPU sleep: longer than any call's host work, so the call's kernels are all
-# queued before the GPU reaches them.
+# Long enough that the GPU is still busy when the host has enqueued any one call's kernels, so
+# their launches never wait for the host.
 _SLEEP_CYCLES = 40_000_000
 
 
@@ -97,22 +104,26 @@ def forward_spread(make_out: Callable[[], Sequence[torch.Tensor]], warmup: int, 
     return deciles[0], deciles[4], deciles[8], gpu
 
 
-def measure(make_out: Callable[[], Sequence[torch.Tensor]], params, warmup: int, reps: int,
-            device="cuda") -> Tuple[float, float, Optional[float]]:
-    """(forward ms, forward+backward ms, peak GiB or None on CPU) of ``make_out()`` -> list of
-    outputs. Peak: max allocated during one forward+backward, inputs included."""
-    fwd = _no_grad(make_out)
+def _fwd_bwd(make_out: Callable[[], Sequence[torch.Tensor]], params) -> Callable[[], None]:
     grads = None
 
-    def fwd_bwd():
-        outs = make_out()
+    def step():
         nonlocal grads
+        outs = make_out()
         if grads is None:
             grads = [torch.randn_like(o) for o in outs]
         torch.autograd.backward(outs, grads)
         for p in params:
-            p.grad = None
+            p.grad = None  # else every call after the first also adds into .grad
+    return step
 
+
+def measure(make_out: Callable[[], Sequence[torch.Tensor]], params, warmup: int, reps: int,
+            device="cuda") -> Tuple[float, float, Optional[float]]:
+    """(forward ms, forward+backward ms, peak GiB or None on CPU) of ``make_out()`` -> list of
+    outputs; ``params`` are the leaves whose gradients the backward fills. Peak: max allocated
+    during one forward+backward, inputs included."""
+    fwd, fwd_bwd = _no_grad(make_out), _fwd_bwd(make_out, params)
     f = time_ms(fwd, warmup, reps, device)
     fb = time_ms(fwd_bwd, warmup, reps, device)
     if not _is_cuda(device):
@@ -122,3 +133,102 @@ def measure(make_out: Callable[[], Sequence[torch.Tensor]], params, warmup: int,
     fwd_bwd()
     torch.cuda.synchronize()
     return f, fb, torch.cuda.max_memory_allocated() / 2**30
+
+
+# Baselines (groups mode only; every segment length must divide the sequence length). Tensors
+# are (batch, seq, heads, head_dim), as the op's.
+
+def baseline_applies(n: int, segs: Sequence[int], mode: str) -> Optional[str]:
+    """None if the gather baselines can run this shape, else why not."""
+    if mode != "groups":
+        return "the gather baselines implement groups mode only"
+    bad = [w for w in segs if n % w]
+    if bad:
+        return f"the gather baselines need every segment length to divide seq_len {n}: {bad} do not"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(n: int, w: int, r: int, o: int, device: str) -> torch.Tensor:
+    return (torch.arange(0, n, w).unsqueeze(1) + torch.arange(o, w, r).unsqueeze(0)).flatten().to(device)
+
+
+def naive(q, k, v, segs, rates, is_causal=False):
+    """What a straightforward implementation does: gather the dilated positions with an index
+    tensor, SDPA, scatter back with ``index_copy``, autograd through the indexing."""
+    b, n, h, d = q.shape
+    outs = []
+    for i, ((h0, h1), w, r) in enumerate(zip(head_groups(h, len(segs)), segs, rates)):
+        idx = _positions(n, w, r, i % r, str(q.device))
+        qs, ks, vs = (t[:, idx, h0:h1].reshape(b * (n // w), w // r, h1 - h0, d).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=is_causal)
+        o = o.transpose(1, 2).reshape(b, -1, h1 - h0, d)
+        outs.append(torch.zeros(b, n, h1 - h0, d, dtype=q.dtype, device=q.device).index_copy(1, idx, o) / len(segs))
+    return torch.cat(outs, dim=2)
+
+
+def pregather(q, k, v, segs, rates):
+    """Contiguous ``(segments, heads, len, head_dim)`` q, k, v per branch, branches of one
+    (len, heads) shape concatenated into one batch: new leaves (they require grad if q does)."""
+    b, n, h, d = q.shape
+    by_shape = {}
+    for i, ((h0, h1), w, r) in enumerate(zip(head_groups(h, len(segs)), segs, rates)):
+        idx = _positions(n, w, r, i % r, str(q.device))
+        parts = tuple(t[:, idx, h0:h1].reshape(b * (n // w), w // r, h1 - h0, d).transpose(1, 2).contiguous()
+                      for t in (q, k, v))
+        by_shape.setdefault((w // r, h1 - h0), []).append(parts)
+    return [tuple(torch.cat(p, 0).detach().requires_grad_(q.requires_grad) for p in zip(*group))
+            for group in by_shape.values()]
+
+
+def pregathered(batches, is_causal=False):
+    """SDPA on segments gathered beforehand (:func:`pregather`): no gather, no scatter, no
+    fill, one attention call per shape; the floor for the views-plus-attention-kernel design."""
+    return [F.scaled_dot_product_attention(q, k, v, is_causal=is_causal) for q, k, v in batches]
+
+
+def dense(q, k, v, is_causal=False):
+    """Full SDPA over the whole sequence."""
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=is_causal).transpose(1, 2)
+
+
+# Profiles.
+
+def kernel_profile(step: Callable[[], None], device, row_limit: int = 14) -> str:
+    """torch.profiler table of one ``step()`` after three warm-up steps: on CUDA the kernels
+    sorted by their GPU time, on the CPU the operators sorted by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = _is_cuda(device)
+    for _ in range(3):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    sort_by = "device_time_total" if cuda else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=70)
+
+
+def host_profile(call: Callable[[], None], device, reps: int = 200, row_limit: int = 25) -> str:
+    """cProfile of ``reps`` calls of ``call()`` (after three warm-up calls), sorted by each
+    function's own time: where the host time of a call goes. On CUDA each call is followed by a
+    synchronize outside the profiled region, so the GPU's queue never backs up into the host."""
+    cuda = _is_cuda(device)
+    for _ in range(3):
+        call()
+    if cuda:
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    for _ in range(reps):
+        prof.enable()
+        call()
+        prof.disable()
+        if cuda:
+            torch.cuda.synchronize()
+    s = io.StringIO()
+    stats = pstats.Stats(prof, stream=s)
+    stats.sort_stats("tottime").print_stats(row_limit)
+    return s.getvalue()

@@ -13,16 +13,38 @@ from . import _checks
 
 @dataclass(frozen=True)
 class DilatedAttentionConfig:
-    """What dilated attention computes (SPEC sections 1-3).
+    """What dilated attention computes (SPEC sections 1-3), for q, k, v
+    ``(batch, seq, heads, head_dim)``.
 
-    - ``segment_lengths`` / ``dilation_rates``: the branches ``(w_i, r_i)``; equal lengths,
-      ``w_i % r_i == 0``.
-    - ``dropout``: attention-probability dropout, applied by the modules in training mode only.
-    - ``use_tf32``: kept for v0.2.0 compatibility and shown in ``repr``; it changes no global
-      state. TF32 for float32 matmuls on CUDA (the projections) is PyTorch's
-      ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``, which
-      stay yours to set.
-    - ``mode``: ``"groups"`` (v0.2.0's numerics, default) or ``"longnet"`` (the paper's Eq. 10).
+    Each branch ``(w_i, r_i)`` cuts the sequence into segments of ``w_i`` tokens and, inside
+    each segment, lets every ``r_i``-th token attend to every ``r_i``-th token (offset per
+    head). ``segment_lengths=(4, 8)``, ``dilation_rates=(1, 2)``, 8 tokens, ``x`` = the
+    positions one head of each branch attends among::
+
+        branch (w=4, r=1):  x x x x | x x x x      two segments, dense inside each
+        branch (w=8, r=2):  x . x . x . x .        one segment, every 2nd token (offset 0)
+
+    Args:
+        segment_lengths: the branches' ``w_i`` (positive ints; a list is stored as a tuple).
+        dilation_rates: the branches' ``r_i`` (positive ints), as many as segment_lengths,
+            ``w_i % r_i == 0``.
+        dropout: attention-probability dropout in ``[0, 1)``, applied by the modules in
+            training mode only.
+        use_tf32: kept for v0.2.0 compatibility and shown in ``repr``; it changes no global
+            state. TF32 for float32 matmuls on CUDA (the projections) is PyTorch's
+            ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``,
+            which stay yours to set.
+        mode: ``"groups"`` (v0.2.0's numerics, default: heads split into one contiguous group
+            per branch, group ``i`` at offset ``i % r_i``) or ``"longnet"`` (the paper's
+            Eq. 10: every head in every branch, head ``j`` at offset ``j % r_i``, combined by
+            softmax weight).
+
+    Raises:
+        TypeError: a field of the wrong type (e.g. a non-int segment length, a non-bool
+            ``use_tf32``).
+        ValueError: empty or non-positive segment_lengths / dilation_rates, different
+            lengths, a ``w_i`` not divisible by its ``r_i``, dropout outside ``[0, 1)``, an
+            unknown mode.
     """
 
     segment_lengths: Tuple[int, ...]
@@ -42,20 +64,32 @@ class DilatedAttentionConfig:
 
     @property
     def num_groups(self) -> int:
+        """The number of branches (head groups in "groups" mode)."""
         return len(self.segment_lengths)
 
 
 @dataclass(frozen=True)
 class MultiheadConfig:
-    """The multi-head wrapper (MAGNETO, as v0.2.0).
+    """The multi-head wrapper (MAGNETO, as v0.2.0), around a :class:`DilatedAttentionConfig`.
 
-    - ``embed_dim`` split into ``num_heads`` heads of ``embed_dim // num_heads``.
-    - ``bias``: biases of the q/k/v/out projections.
-    - ``layer_norm`` / ``layer_norm_eps``: LayerNorm of the attention output before
-      ``out_proj`` (MAGNETO's sub-LN).
-    - ``gamma_init``: gain of the xavier-normal init of ``v_proj`` and ``out_proj``.
-    - ``batch_first``: inputs ``(batch, seq, embed_dim)`` when True (default), else
-      ``(seq, batch, embed_dim)``.
+    Args:
+        embed_dim: the model width (positive int), the inputs' last dim; split into
+            ``num_heads`` heads of ``embed_dim // num_heads`` (:attr:`head_dim`).
+        num_heads: positive int dividing ``embed_dim``. In "groups" mode it must also be at
+            least the number of branches, checked where both configs meet (the modules and
+            the factory), not here.
+        bias: biases of the q/k/v/out projections.
+        layer_norm: LayerNorm of the attention output before ``out_proj`` (MAGNETO's sub-LN).
+        layer_norm_eps: that LayerNorm's eps (> 0).
+        gamma_init: gain (> 0) of the xavier-normal init of ``v_proj`` and ``out_proj``.
+        batch_first: inputs ``(batch, seq, embed_dim)`` when True (default), else
+            ``(seq, batch, embed_dim)``.
+
+    Raises:
+        TypeError: a field of the wrong type (a non-int ``embed_dim``/``num_heads``, a
+            non-bool flag, a non-number eps or gain).
+        ValueError: ``embed_dim``/``num_heads`` below 1, ``embed_dim`` not divisible by
+            ``num_heads``, ``layer_norm_eps`` or ``gamma_init`` not > 0.
     """
 
     embed_dim: int
@@ -76,6 +110,7 @@ class MultiheadConfig:
 
     @property
     def head_dim(self) -> int:
+        """``embed_dim // num_heads``."""
         return self.embed_dim // self.num_heads
 
 

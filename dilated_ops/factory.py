@@ -79,11 +79,45 @@ def create_dilated_attention(
     max_seq_len: Optional[int] = None,
     **kwargs,
 ):
-    """A dilated attention module (q, k, v ``(batch, seq, heads, head_dim)`` in, same out).
+    """A dilated attention module: q, k, v ``(batch, seq, heads, head_dim)`` in, the same shape
+    out (the pattern: :func:`dilated_ops.dilated_attention`)::
 
-    ``attention_type``: one of :data:`NAMES`. Keywords: the fields of
-    :class:`DilatedAttentionConfig` (override ``attention_config``'s); ``max_seq_len``: the
-    longest sequence you will run, read by "auto" only.
+        attn = create_dilated_attention("auto", segment_lengths=[2048, 4096], dilation_rates=[1, 2])
+        out = attn(q, k, v, is_causal=True)      # (batch, seq, heads, head_dim)
+
+    The names are the rows of the variant table, :data:`dilated_ops.variants.VARIANTS` (the
+    README's table of implementations, :func:`implementations_table`): "standard"
+    (:class:`~dilated_ops.modules.DilatedAttention`), "improved"
+    (:class:`~dilated_ops.modules.ImprovedDilatedAttention`), "ring"
+    (:class:`~dilated_ops.modules.RingDilatedAttention`); "distributed" and "block_sparse" are
+    listed but not built. "auto" asks :func:`dilated_ops.variants.choose`: "distributed" in a
+    torch.distributed process group of world size > 1, "ring" when ``max_seq_len`` exceeds
+    :data:`RING_MIN_SEQ_LEN`, "improved" when CUDA is available, "standard" otherwise.
+
+    Args:
+        attention_type: one of :data:`NAMES` (default ``"auto"``).
+        attention_config: a :class:`DilatedAttentionConfig` whose fields are the defaults; the
+            keywords override them (re-validated).
+        max_seq_len: the longest sequence you will run (a positive int), read by "auto" only.
+        **kwargs: the fields of :class:`DilatedAttentionConfig`: ``segment_lengths`` and
+            ``dilation_rates`` (required unless ``attention_config`` is given), ``dropout``,
+            ``use_tf32``, ``mode``.
+
+    Returns:
+        the module (an ``nn.Module``): ``forward(query, key, value, is_causal=False)`` on
+        ``(batch, seq, heads, head_dim)`` tensors returns ``(batch, seq, heads, head_dim)``. Its
+        ``selection_reason`` says why that variant ("requested by name", or what "auto" saw).
+
+    Raises:
+        TypeError: a multi-head option (``embed_dim``, ``num_heads``, ..., ``multihead_config``,
+            ``device``, ``dtype``: use :func:`create_multihead_dilated_attention`), an unknown
+            keyword, ``segment_lengths``/``dilation_rates`` missing, ``attention_config`` not a
+            :class:`DilatedAttentionConfig`, or a field or ``max_seq_len`` of the wrong type.
+        ValueError: an unknown ``attention_type``, ``max_seq_len < 1``, or a bad field value
+            (e.g. a segment length not divisible by its rate).
+        NotImplementedError: the variant is not built ("distributed", "block_sparse", or what
+            "auto" picks in a process group of world size > 1), or "ring" in a process group
+            of world size > 1.
     """
     caller = "create_dilated_attention"
     multihead = sorted(set(kwargs) & set(_MULTIHEAD_ONLY))
@@ -110,13 +144,48 @@ def create_multihead_dilated_attention(
     dtype: Optional[torch.dtype] = None,
     **kwargs,
 ):
-    """A multi-head dilated attention module (``(batch, seq, embed_dim)`` in,
-    ``(output, None)`` out).
+    """A multi-head dilated attention module: ``(batch, seq, embed_dim)`` in (or
+    ``(seq, batch, embed_dim)`` with ``batch_first=False``), ``(output, None)`` out::
 
-    ``attention_type``: one of :data:`NAMES`. Keywords: the fields of
-    :class:`DilatedAttentionConfig` and :class:`MultiheadConfig` (each overrides its config
-    object's); ``device``/``dtype`` of the parameters (``device`` also informs "auto");
-    ``max_seq_len``: the longest sequence you will run, read by "auto" only.
+        mha = create_multihead_dilated_attention(
+            "auto", embed_dim=768, num_heads=12, segment_lengths=[2048, 4096], dilation_rates=[1, 2]
+        )
+        out, _ = mha(x, x, x, is_causal=True)    # (batch, seq, 768)
+
+    ``attention_type`` names a row of the variant table, as for
+    :func:`create_dilated_attention`: "standard"
+    (:class:`~dilated_ops.modules.MultiheadDilatedAttention`), "improved"
+    (:class:`~dilated_ops.modules.ImprovedMultiheadDilatedAttention`), "ring"
+    (:class:`~dilated_ops.modules.RingMultiheadDilatedAttention`); "auto" as there, except that
+    a given ``device`` decides between "improved" (CUDA) and "standard" (anything else).
+
+    Args:
+        attention_type: one of :data:`NAMES` (default ``"auto"``).
+        multihead_config: a :class:`MultiheadConfig` whose fields are the defaults.
+        attention_config: a :class:`DilatedAttentionConfig` whose fields are the defaults.
+        max_seq_len: the longest sequence you will run (a positive int), read by "auto" only.
+        device: of the parameters; also read by "auto".
+        dtype: of the parameters.
+        **kwargs: the fields of :class:`MultiheadConfig` (``embed_dim``, ``num_heads``
+            required unless ``multihead_config`` is given; ``bias``, ``layer_norm``,
+            ``layer_norm_eps``, ``gamma_init``, ``batch_first``) and of
+            :class:`DilatedAttentionConfig` (``segment_lengths``, ``dilation_rates`` required
+            unless ``attention_config`` is given; ``dropout``, ``use_tf32``, ``mode``); each
+            overrides its config object's.
+
+    Returns:
+        the module (an ``nn.Module``): ``forward(query, key=None, value=None,
+        need_weights=False, attn_mask=None, is_causal=False)`` returns ``(output, None)``,
+        output shaped as query; key and value must have query's shape. Its
+        ``selection_reason`` says why that variant.
+
+    Raises:
+        TypeError: an unknown keyword, a required field missing, a config object of the wrong
+            class, or a field or ``max_seq_len`` of the wrong type.
+        ValueError: an unknown ``attention_type``, ``max_seq_len < 1``, a bad field value
+            (e.g. ``embed_dim`` not divisible by ``num_heads``), or fewer heads than branches
+            in "groups" mode.
+        NotImplementedError: as :func:`create_dilated_attention`.
     """
     caller = "create_multihead_dilated_attention"
     unknown = set(kwargs) - set(_ATTENTION_FIELDS) - set(_MULTIHEAD_FIELDS)

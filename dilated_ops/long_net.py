@@ -42,7 +42,21 @@ def _activation(activation: Activation) -> Callable[[Tensor], Tensor]:
 class CrossAttention(nn.Module):
     """Dense multi-head attention of ``x`` ``(batch, tgt_len, embed_dim)`` over ``memory``
     ``(batch, src_len, embed_dim)`` with ``F.scaled_dot_product_attention``; MAGNETO layout and
-    init as :class:`MultiheadDilatedAttention` (q/k/v projections, LayerNorm, out_proj)."""
+    init as :class:`MultiheadDilatedAttention` (q/k/v projections with biases, LayerNorm,
+    out_proj). The decoder's cross-attention: dilated attention needs keys as long as queries.
+
+    Args:
+        embed_dim: the model width (positive int), split into ``num_heads`` heads.
+        num_heads: positive int dividing ``embed_dim``.
+        dropout: attention-probability dropout in ``[0, 1)``, training mode only.
+        layer_norm_eps: eps of the LayerNorm before ``out_proj``.
+        gamma_init: xavier-normal gain of ``v_proj`` and ``out_proj`` (:func:`init_magneto`).
+        device, dtype: of the parameters.
+
+    Raises:
+        TypeError, ValueError: ``embed_dim``/``num_heads`` not positive ints or not dividing,
+            ``dropout`` not a number in ``[0, 1)``.
+    """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, layer_norm_eps=1e-5, gamma_init=1.0,
                  device=None, dtype=None):
@@ -59,6 +73,17 @@ class CrossAttention(nn.Module):
         init_magneto(self, gamma_init)
 
     def forward(self, x: Tensor, memory: Tensor, is_causal: bool = False) -> Tensor:
+        """Attention of ``x`` over ``memory``.
+
+        Args:
+            x: the queries, ``(batch, tgt_len, embed_dim)``.
+            memory: the keys and values, ``(batch, src_len, embed_dim)``.
+            is_causal: SDPA's ``is_causal``: query ``i`` sees memory positions ``<= i`` (the
+                mask is aligned at the top-left when ``tgt_len != src_len``).
+
+        Returns:
+            ``(batch, tgt_len, embed_dim)``.
+        """
         # (batch, len, embed) -> (batch, heads, len, head_dim), SDPA's layout
         def heads(t):
             return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
@@ -101,8 +126,35 @@ def _self_attention(attention_type, d_model, nhead, segment_lengths, dilation_ra
 
 class DilatedTransformerEncoderLayer(nn.Module):
     """``x + SelfAttn(LN(x))`` then ``x + FF(x)``; the self-attention is a
-    :class:`MultiheadDilatedAttention` with its output LayerNorm (sub-LN).
-    ``attention_type`` goes to :func:`create_multihead_dilated_attention`."""
+    :class:`MultiheadDilatedAttention` with its output LayerNorm (sub-LN), the feed-forward
+    ``LN, linear1, activation, dropout, LN, linear2, dropout``. Activations are
+    ``(batch, seq, d_model)`` (always batch first).
+
+    Args:
+        d_model: the model width (positive int).
+        nhead: attention heads; divides ``d_model``, and in "groups" mode is at least
+            ``len(segment_lengths)``.
+        segment_lengths: the branches' segment lengths ``w_i`` (the pattern:
+            :func:`dilated_ops.dilated_attention`). Note the order: lengths, then rates, unlike
+            :class:`MultiheadDilatedAttention`'s positional order.
+        dilation_rates: the branches' rates ``r_i`` (``w_i % r_i == 0``).
+        dim_feedforward: the feed-forward's hidden width.
+        dropout: in ``[0, 1)``: the attention probabilities, the attention output and the
+            feed-forward, training mode only.
+        activation: ``"relu"``, ``"gelu"`` or a callable ``Tensor -> Tensor``.
+        layer_norm_eps: eps of every LayerNorm.
+        gamma_init: MAGNETO gain: xavier-normal gain of ``v_proj``, ``out_proj`` and the two
+            feed-forward linears.
+        device, dtype: of the parameters.
+        attention_type: keyword-only; a name of the variant table (:mod:`dilated_ops.variants`),
+            passed to :func:`create_multihead_dilated_attention` (default ``"auto"``).
+        mode: keyword-only; ``"groups"`` or ``"longnet"``.
+
+    Raises:
+        TypeError, ValueError, NotImplementedError: as
+            :func:`create_multihead_dilated_attention` for the attention arguments;
+            ValueError for an unknown ``activation`` name.
+    """
 
     def __init__(
         self,
@@ -132,6 +184,20 @@ class DilatedTransformerEncoderLayer(nn.Module):
         self.ff = _FeedForward(d_model, dim_feedforward, dropout, activation, layer_norm_eps, gamma_init, kw)
 
     def forward(self, src: Tensor, is_causal: bool = False) -> Tensor:
+        """One encoder layer.
+
+        Args:
+            src: ``(batch, seq, d_model)``.
+            is_causal: causal dilated self-attention (keys after the query masked inside each
+                segment).
+
+        Returns:
+            ``(batch, seq, d_model)``.
+
+        Raises:
+            ValueError, TypeError: as :meth:`MultiheadDilatedAttention.forward` (e.g. ``src``
+                not 3-D or its last dim not ``d_model``).
+        """
         h = self.norm1(src)
         src = src + self.dropout(self.self_attn(h, h, h, is_causal=is_causal)[0])
         return src + self.ff(src)
@@ -139,7 +205,19 @@ class DilatedTransformerEncoderLayer(nn.Module):
 
 class DilatedTransformerDecoderLayer(nn.Module):
     """``x + SelfAttn(LN(x))`` (dilated, no output LayerNorm as in v0.2.0), then
-    ``x + CrossAttn(LN(x), memory)`` (dense, :class:`CrossAttention`), then ``x + FF(x)``."""
+    ``x + CrossAttn(LN(x), memory)`` (dense, :class:`CrossAttention`), then ``x + FF(x)``.
+    Activations are ``(batch, seq, d_model)`` (always batch first).
+
+    Args:
+        d_model, nhead, segment_lengths, dilation_rates, dim_feedforward, dropout, activation,
+            layer_norm_eps, gamma_init, device, dtype, attention_type, mode: as
+            :class:`DilatedTransformerEncoderLayer` (``gamma_init`` also initialises the
+            cross-attention's ``v_proj`` and ``out_proj``).
+
+    Raises:
+        TypeError, ValueError, NotImplementedError: as
+            :class:`DilatedTransformerEncoderLayer`.
+    """
 
     def __init__(
         self,
@@ -172,6 +250,21 @@ class DilatedTransformerDecoderLayer(nn.Module):
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False) -> Tensor:
+        """One decoder layer.
+
+        Args:
+            tgt: ``(batch, tgt_len, d_model)``.
+            memory: the encoder output, ``(batch, src_len, d_model)``; any length.
+            tgt_is_causal: causal dilated self-attention over ``tgt``.
+            memory_is_causal: causal cross-attention: position ``i`` of ``tgt`` sees memory
+                positions ``<= i`` (SDPA's ``is_causal``).
+
+        Returns:
+            ``(batch, tgt_len, d_model)``.
+
+        Raises:
+            ValueError, TypeError: as :meth:`MultiheadDilatedAttention.forward` for ``tgt``.
+        """
         h = self.norm1(tgt)
         x = tgt + self.dropout(self.self_attn(h, h, h, is_causal=tgt_is_causal)[0])
         x = x + self.dropout(self.multihead_attn(self.norm2(x), memory, is_causal=memory_is_causal))
@@ -191,7 +284,27 @@ class LongNet(nn.Module):
     encoder ``sqrt(log(3N) log(2M) / 3)``, decoder ``sqrt(log(3N))`` for M encoder and N
     decoder layers). ``forward(x, is_causal=True)``: ``x`` ``(batch, seq, d_model)`` feeds both
     the encoder and the decoder; ``is_causal`` applies to every attention (encoder, decoder and
-    the cross-attention), so with True position i sees only positions <= i."""
+    the cross-attention), so with True position i sees only positions <= i.
+
+    Args:
+        d_model: the model width.
+        nhead: attention heads per layer; divides ``d_model``, and in "groups" mode is at
+            least ``len(segment_lengths)``.
+        num_encoder_layers: M, a positive int.
+        num_decoder_layers: N, a positive int.
+        dim_feedforward: the feed-forward's hidden width.
+        segment_lengths: the branches' segment lengths (pattern:
+            :func:`dilated_ops.dilated_attention`); a sequence shorter than a segment is one
+            segment.
+        dilation_rates: the branches' rates; ``(1, 2, 4, 8, 16)`` by default, since the paper's
+            ``(1, 2, 4, 6, 12)`` do not divide its segment lengths.
+        dropout, activation, layer_norm_eps, device, dtype, attention_type, mode: as
+            :class:`DilatedTransformerEncoderLayer`, for every layer.
+
+    Raises:
+        TypeError, ValueError: a layer count that is not a positive int; and the layers'
+            errors (:class:`DilatedTransformerEncoderLayer`), NotImplementedError included.
+    """
 
     def __init__(
         self,
@@ -230,6 +343,15 @@ class LongNet(nn.Module):
         )
 
     def forward(self, x: Tensor, is_causal: bool = True) -> Tensor:
+        """Encoder over ``x``, then decoder over ``x`` attending to the encoder's output.
+
+        Args:
+            x: ``(batch, seq, d_model)``.
+            is_causal: causal masking in every attention (default True).
+
+        Returns:
+            ``(batch, seq, d_model)``: the decoder's output.
+        """
         memory = x
         for layer in self.encoder.layers:
             memory = layer(memory, is_causal=is_causal)
@@ -250,7 +372,18 @@ def sinusoidal_positions(seq_len: int, dim: int, device=None, dtype=None) -> Ten
 class LongNetLM(nn.Module):
     """Language model: token embedding + sinusoidal positions, :class:`LongNet`, LayerNorm,
     output layer. ``forward(tokens, is_causal=True)``: ``tokens`` ``(batch, seq)`` int64 ->
-    logits ``(batch, seq, num_tokens)``; causal by default (logits at i depend on tokens <= i)."""
+    logits ``(batch, seq, num_tokens)``; causal by default (logits at i depend on tokens <= i).
+
+    Args:
+        num_tokens: the vocabulary size (positive int).
+        d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
+            segment_lengths, dilation_rates, dropout, activation, layer_norm_eps, device,
+            dtype, attention_type, mode: as :class:`LongNet`.
+
+    Raises:
+        TypeError, ValueError: ``num_tokens`` not a positive int; and :class:`LongNet`'s
+            errors.
+    """
 
     def __init__(
         self,
@@ -286,6 +419,16 @@ class LongNetLM(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, tokens: Tensor, is_causal: bool = True) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            tokens: ``(batch, seq)`` integer token ids in ``[0, num_tokens)``.
+            is_causal: causal masking in every attention (default True), so the logits at
+                position i depend only on tokens ``<= i``.
+
+        Returns:
+            logits ``(batch, seq, num_tokens)``, in the parameters' dtype.
+        """
         x = self.token_embedding(tokens)
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
         return self.out(self.norm(self.long_net(x, is_causal=is_causal)))

@@ -25,17 +25,40 @@ _DIRECT = "constructed directly"
 
 
 class DilatedAttention(nn.Module):
-    """Dilated attention of q, k, v ``(batch, seq, heads, head_dim)`` (see
-    :func:`dilated_ops.dilated_attention` for the pattern). Implementation "standard":
-    PyTorch's attention kernels.
+    """Dilated attention of q, k, v ``(batch, seq, heads, head_dim)``, one
+    :func:`dilated_ops.dilated_attention` call per forward. Implementation "standard" (its row
+    of :mod:`dilated_ops.variants`): PyTorch's attention kernels on strided segment views.
+
+    Each branch ``(w, r)`` cuts the sequence into segments of ``w`` tokens and, inside each,
+    lets every ``r``-th token attend to every ``r``-th token. ``segment_lengths=[4, 8]``,
+    ``dilation_rates=[1, 2]``, 8 tokens, 2 heads, ``mode="groups"`` (head group ``i`` runs
+    branch ``i`` at offset ``i % r_i``); ``x`` = the positions a head attends among, ``.`` =
+    positions that branch gives nothing to::
+
+        head 0, branch (w=4, r=1):  x x x x | x x x x    two segments, dense inside each
+        head 1, branch (w=8, r=2):  . x . x . x . x      one segment, every 2nd token, offset 1
+
+    With ``mode="longnet"`` every head runs every branch (head ``j`` at offset ``j % r_i``) and
+    the branches are combined by softmax weight.
 
     Args:
-        segment_lengths, dilation_rates: the branches ``(w_i, r_i)``.
-        dropout: attention-probability dropout, in training mode only.
-        use_tf32: recorded only (see :class:`DilatedAttentionConfig`).
-        mode: "groups" (v0.2.0's numerics) or "longnet".
+        segment_lengths: the branches' segment lengths ``w_i``; a last segment shorter than
+            ``w_i`` (or a sequence shorter than ``w_i``) is attended as it is.
+        dilation_rates: the branches' rates ``r_i``, as many as segment_lengths,
+            ``w_i % r_i == 0``.
+        dropout: attention-probability dropout in ``[0, 1)``, applied in training mode only.
+        use_tf32: recorded only, for v0.2.0 compatibility (see :class:`DilatedAttentionConfig`).
+        mode: ``"groups"`` (heads split into one contiguous group per branch, v0.2.0's
+            numerics) or ``"longnet"`` (every head in every branch, the LongNet paper).
 
-    ``forward(query, key, value, is_causal=False)`` returns ``(batch, seq, heads, head_dim)``.
+    Raises:
+        TypeError, ValueError: from :class:`DilatedAttentionConfig`, naming the argument (e.g. a
+            segment length not divisible by its rate, dropout outside ``[0, 1)``).
+
+    Attributes:
+        config: the :class:`DilatedAttentionConfig`.
+        backend: the op's ``backend`` argument this class passes.
+        selection_reason: why the factory picked this class ("constructed directly" otherwise).
     """
 
     implementation = "standard"
@@ -67,6 +90,27 @@ class DilatedAttention(nn.Module):
         self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool = False,
         attention_mask: Optional[Tensor] = None,
     ) -> Tensor:
+        """Dilated attention of the already-split heads.
+
+        Args:
+            query: ``(batch, seq, heads, head_dim)``; in "groups" mode ``heads`` must be at
+                least the number of branches.
+            key: ``(batch, seq, heads, head_dim)``, as query (no cross-attention).
+            value: ``(batch, seq, heads, head_dim)``, as query.
+            is_causal: mask keys after the query inside each segment.
+            attention_mask: must be None (dilated attention takes no mask); kept for v0.2.0's
+                signature.
+
+        Returns:
+            ``(batch, seq, heads, head_dim)``, in query's dtype, device and memory order.
+
+        Raises:
+            ValueError: ``attention_mask`` is given.
+            TypeError, ValueError: bad q, k, v (not 4-D, unsupported dtype, shapes, dtypes or
+                devices that differ, fewer heads than branches in "groups" mode), as
+                :func:`dilated_ops.dilated_attention`.
+            NotImplementedError: q, k or v carries a forward-mode AD tangent.
+        """
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask is not supported by dilated attention: got a tensor of shape "
@@ -88,7 +132,10 @@ class DilatedAttention(nn.Module):
 
 class ImprovedDilatedAttention(DilatedAttention):
     """:class:`DilatedAttention` on the fastest kernel we have for the device (the op's
-    ``backend="auto"``); where we have none faster, the same kernels as "standard"."""
+    ``backend="auto"``; the "improved" row of :mod:`dilated_ops.variants` says which); where we
+    have none faster, the same kernels as "standard". Same arguments, shapes and errors as
+    :class:`DilatedAttention`: q, k, v ``(batch, seq, heads, head_dim)`` in, the same shape
+    out."""
 
     implementation = "improved"
 
@@ -106,9 +153,15 @@ def _check_single_process(owner: str) -> None:
 class RingDilatedAttention(ImprovedDilatedAttention):
     """Ring dilated attention, single process: SPEC section 5 fixes the ring result to equal
     plain dilated attention, so this calls the same op as :class:`ImprovedDilatedAttention`
-    (whose memory is already linear in the sequence length). With a torch.distributed process
-    group of world size > 1 it raises NotImplementedError: ring attention across processes is
-    not built yet."""
+    (whose memory is already linear in the sequence length). Same arguments and shapes as
+    :class:`DilatedAttention`: q, k, v ``(batch, seq, heads, head_dim)`` in, the same shape
+    out.
+
+    Raises:
+        NotImplementedError: at construction, and at each eager forward, when a
+            torch.distributed process group of world size > 1 is initialized: ring attention
+            across processes is not built yet.
+    """
 
     implementation = "ring"
 
@@ -117,6 +170,9 @@ class RingDilatedAttention(ImprovedDilatedAttention):
         _check_single_process(type(self).__name__)
 
     def forward(self, query, key, value, is_causal=False, attention_mask=None):
+        """As :meth:`DilatedAttention.forward`: ``(batch, seq, heads, head_dim)`` in and out.
+        Raises NotImplementedError in a process group of world size > 1 (checked eagerly only,
+        not while ``torch.compile`` traces)."""
         if not torch.compiler.is_compiling():  # a process group created after construction
             _check_single_process(type(self).__name__)
         return super().forward(query, key, value, is_causal, attention_mask)
@@ -128,7 +184,17 @@ class RingDilatedAttention(ImprovedDilatedAttention):
 def init_magneto(attn: nn.Module, gamma_init: float) -> None:
     """MAGNETO init (https://arxiv.org/abs/2210.06423, Fig. 2) of ``attn``'s ``q_proj``,
     ``k_proj``, ``v_proj``, ``out_proj``: xavier-normal, gain ``gamma_init`` on the value and
-    output projections only; zero biases."""
+    output projections only; zero biases.
+
+    Args:
+        attn: a module with ``nn.Linear`` attributes ``q_proj``, ``k_proj``, ``v_proj`` and
+            ``out_proj`` (weights ``(out_features, in_features)``, biases optional).
+        gamma_init: the xavier-normal gain of ``v_proj`` and ``out_proj``.
+
+    Returns:
+        None; the weights and biases are overwritten in place (from the global RNG, so
+        ``torch.manual_seed`` makes it repeatable).
+    """
     for proj, gain in ((attn.q_proj, 1.0), (attn.k_proj, 1.0), (attn.v_proj, gamma_init),
                        (attn.out_proj, gamma_init)):
         nn.init.xavier_normal_(proj.weight, gain=gain)
@@ -138,14 +204,47 @@ def init_magneto(attn: nn.Module, gamma_init: float) -> None:
 
 class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated self-attention, MAGNETO style as v0.2.0: separate ``q_proj``,
-    ``k_proj``, ``v_proj``; dilated attention per head; optional LayerNorm of the attention
-    output; ``out_proj``. ``gamma_init`` is the xavier-normal gain of ``v_proj`` and
-    ``out_proj`` (gain 1 on ``q_proj``/``k_proj``); biases start at zero.
+    ``k_proj``, ``v_proj``; dilated attention per head (:class:`DilatedAttention`, whose
+    docstring draws the segments and dilation; "standard" row of :mod:`dilated_ops.variants`);
+    optional LayerNorm of the attention output; ``out_proj``. ``gamma_init`` is the
+    xavier-normal gain of ``v_proj`` and ``out_proj`` (gain 1 on ``q_proj``/``k_proj``); biases
+    start at zero.
 
-    The positional order ``(embed_dim, num_heads, dilation_rates, segment_lengths, ...)`` is
-    v0.2.0's. ``forward(query, key, value)`` takes ``(batch, seq, embed_dim)`` (or
-    ``(seq, batch, embed_dim)`` with ``batch_first=False``) and returns ``(output, None)`` with
-    output shaped as query. key and value must have query's shape (no cross-attention).
+    ``forward(query, key=None, value=None, need_weights=False, attn_mask=None,
+    is_causal=False)`` takes ``(batch, seq, embed_dim)`` (or ``(seq, batch, embed_dim)`` with
+    ``batch_first=False``) and returns ``(output, None)`` with output shaped as query. key and
+    value must have query's shape (no cross-attention).
+
+    Args:
+        embed_dim: the model width, query's last dim; split into ``num_heads`` heads of
+            ``embed_dim // num_heads``.
+        num_heads: divides embed_dim; in "groups" mode at least ``len(segment_lengths)`` (one
+            head group per branch).
+        dilation_rates: the branches' rates ``r_i``. Note the positional order
+            ``(embed_dim, num_heads, dilation_rates, segment_lengths, ...)``: v0.2.0's.
+        segment_lengths: the branches' segment lengths ``w_i`` (``w_i % r_i == 0``).
+        dropout: attention-probability dropout in ``[0, 1)``, training mode only.
+        bias: biases of the q/k/v/out projections.
+        layer_norm: LayerNorm of the merged heads before ``out_proj`` (MAGNETO's sub-LN).
+        layer_norm_eps: that LayerNorm's eps (> 0).
+        gamma_init: xavier-normal gain of ``v_proj`` and ``out_proj`` (> 0).
+        device, dtype: of the parameters.
+        batch_first: keyword-only; True (default): inputs ``(batch, seq, embed_dim)``; False:
+            ``(seq, batch, embed_dim)``.
+        use_tf32: keyword-only; recorded only (see :class:`DilatedAttentionConfig`).
+        mode: keyword-only; ``"groups"`` (v0.2.0's numerics) or ``"longnet"``.
+
+    Raises:
+        TypeError, ValueError: from :class:`MultiheadConfig` / :class:`DilatedAttentionConfig`,
+            naming the argument: e.g. ``embed_dim`` not divisible by ``num_heads``, fewer heads
+            than branches in "groups" mode, a segment length not divisible by its rate.
+
+    Attributes:
+        q_proj, k_proj, v_proj, out_proj: ``nn.Linear(embed_dim, embed_dim)``.
+        norm: the ``nn.LayerNorm(embed_dim)``, or None with ``layer_norm=False``.
+        attention: the :class:`DilatedAttention` (subclass) run on the heads.
+        multihead_config, attention_config: the validated configs.
+        selection_reason: why the factory picked this class ("constructed directly" otherwise).
     """
 
     implementation = "standard"
@@ -190,6 +289,7 @@ class MultiheadDilatedAttention(nn.Module):
 
     @property
     def attention_config(self) -> DilatedAttentionConfig:
+        """The :class:`DilatedAttentionConfig` of :attr:`attention`."""
         return self.attention.config
 
     def _reset_parameters(self) -> None:
@@ -220,8 +320,29 @@ class MultiheadDilatedAttention(nn.Module):
         attn_mask: Optional[Tensor] = None,
         is_causal: bool = False,
     ):
-        """Returns ``(output, None)``: dilated attention has no weight matrix to return, so
-        ``need_weights`` changes nothing (as in v0.2.0). ``key``/``value`` default to ``query``."""
+        """Multi-head dilated attention of ``query`` over ``key``/``value`` (self-attention:
+        they must have query's shape).
+
+        Args:
+            query: ``(batch, seq, embed_dim)``, or ``(seq, batch, embed_dim)`` with
+                ``batch_first=False``.
+            key: query's shape; None (default) means ``query``.
+            value: query's shape; None (default) means ``query``.
+            need_weights: ignored: dilated attention has no weight matrix to return, so
+                ``need_weights`` changes nothing (as in v0.2.0); the second output is None.
+            attn_mask: must be None; use ``is_causal`` for causal masking.
+            is_causal: mask keys after the query inside each segment.
+
+        Returns:
+            ``(output, None)``: ``output`` has query's shape, ``(batch, seq, embed_dim)`` or
+            ``(seq, batch, embed_dim)``.
+
+        Raises:
+            ValueError: ``attn_mask`` is given; query, key or value is not 3-D; query's last
+                dim is not ``embed_dim``; key or value differs from query's shape.
+            TypeError, ValueError, NotImplementedError: as :meth:`DilatedAttention.forward`
+                for the projected heads (e.g. an unsupported dtype).
+        """
         key = query if key is None else key
         value = query if value is None else value
         if attn_mask is not None:
@@ -246,7 +367,9 @@ class MultiheadDilatedAttention(nn.Module):
 
 
 class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
-    """:class:`MultiheadDilatedAttention` over :class:`ImprovedDilatedAttention`."""
+    """:class:`MultiheadDilatedAttention` over :class:`ImprovedDilatedAttention` (the fastest
+    kernels we have for the device). Same arguments, shapes (``(batch, seq, embed_dim)`` in,
+    ``(output, None)`` out) and errors as :class:`MultiheadDilatedAttention`."""
 
     implementation = "improved"
     attention_class = ImprovedDilatedAttention
@@ -254,7 +377,14 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
 
 class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     """:class:`MultiheadDilatedAttention` over :class:`RingDilatedAttention`: in one process the
-    same op as "improved"; across processes NotImplementedError (not built yet)."""
+    same op as "improved". Same arguments and shapes as :class:`MultiheadDilatedAttention`
+    (``(batch, seq, embed_dim)`` in, ``(output, None)`` out).
+
+    Raises:
+        NotImplementedError: at construction and eager forward when a torch.distributed
+            process group of world size > 1 is initialized (ring across processes is not
+            built yet).
+    """
 
     implementation = "ring"
     attention_class = RingDilatedAttention

@@ -1,11 +1,20 @@
-"""dilated_ops._bench: the one timing helper of the benchmarks and `dilated-ops bench` (CPU here;
-the CUDA-event paths run in the benchmarks on the GPU machine)."""
+"""`dilated-ops bench`, the one benchmark command, and its helpers (dilated_ops._bench) on the
+CPU: timing, useful FLOPs, the baselines against the op, and the command's rows (variants from
+the variant table, not-built rows listed and untimed, modes, --spread, --compile, --profile,
+dense last, aliases, argument errors). The CUDA-event paths run on the GPU machine."""
+import csv
+import re
 import time
 
 import pytest
 import torch
 
-from dilated_ops import _bench
+from dilated_ops import _bench, variants
+from dilated_ops.cli import bench, main
+from dilated_ops.functional import dilated_attention
+
+TINY = ["bench", "--device", "cpu", "--heads", "2", "--head-dim", "8", "--segment-lengths", "16,32",
+        "--dilation-rates", "1,2", "--repeats", "2", "--warmup", "1"]
 
 
 def _sleeper(ms):
@@ -39,9 +48,181 @@ def test_forward_spread_orders_its_deciles_and_runs_without_grad():
     assert seen and not any(seen)
 
 
+def test_measure_resets_gradients_and_has_no_cpu_peak():
+    x = torch.randn(4, requires_grad=True)
+    f, fb, peak = _bench.measure(lambda: [x * 2], (x,), warmup=1, reps=2, device="cpu")
+    assert f > 0 and fb > 0 and peak is None
+    assert x.grad is None  # else every timed backward after the first would also accumulate
+
+
 def test_bad_arguments_name_themselves():
     fn, _ = _sleeper(0)
     with pytest.raises(ValueError, match=r"gpu_only needs a CUDA device, got device='cpu'"):
         _bench.times_ms(fn, 0, 1, device="cpu", gpu_only=True)
     with pytest.raises(ValueError, match=r"reps must be at least 2 for a spread, got reps=1"):
         _bench.forward_spread(fn, 0, 1, device="cpu")
+
+
+def test_useful_flops_count_each_branch_once():
+    # groups: one head per branch; branch (16, 1): 4*1*64*16*8, branch (32, 2): 4*1*64*(32/4)*8.
+    assert _bench.useful_flops(64, 2, 8, [16, 32], [1, 2], "groups", False) == 32768 + 16384
+    assert _bench.useful_flops(64, 2, 8, [16, 32], [1, 2], "longnet", False) == 2 * (32768 + 16384)
+    assert _bench.useful_flops(64, 2, 8, [16, 32], [1, 2], "groups", True) == (32768 + 16384) / 2
+    assert _bench.dense_flops(64, 2, 8, False) == 4 * 2 * 64 * 64 * 8
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_naive_baseline_computes_the_op(causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 3, 8, dtype=torch.float64) for _ in range(3))
+    want = dilated_attention(q, k, v, [16, 32], [1, 2], is_causal=causal)
+    torch.testing.assert_close(_bench.naive(q, k, v, [16, 32], [1, 2], causal), want, rtol=0, atol=1e-12)
+
+
+def test_pregathered_baseline_is_attention_on_the_gathered_segments():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    batches = _bench.pregather(q, k, v, [16], [2])
+    assert len(batches) == 1 and all(t.is_leaf and t.requires_grad for t in batches[0])
+    (out,) = _bench.pregathered(batches)
+    assert out.shape == (64 // 16, 2, 16 // 2, 8)  # (segments, heads, w / r, head_dim)
+    # The op's output at the attended positions (offset 0, every 2nd token) of each segment.
+    want = dilated_attention(q, k, v, [16], [2]).detach()[0, 0::2]  # (n / r, heads, head_dim)
+    torch.testing.assert_close(out.detach().transpose(1, 2).reshape(32, 2, 8), want)
+    assert _bench.baseline_applies(64, [16, 32], "groups") is None
+    assert "divide seq_len 48" in _bench.baseline_applies(48, [16, 32], "groups")
+    assert "groups mode only" in _bench.baseline_applies(64, [16], "longnet")
+
+
+def _csv(path):
+    with open(path / "bench.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _timed(rows):
+    return [r for r in rows if r["median_ms"]]
+
+
+def test_default_impls_come_from_the_variant_table(tmp_path, capsys):
+    assert main(TINY + ["--seq-lens", "64", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = _csv(tmp_path)
+    built = [f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.built and n != "ring"]
+    not_built = [f"dilated-{n}" for n, v in variants.VARIANTS.items() if not v.built]
+    assert not_built, "the variant table has no unbuilt row left: this test's not-built checks need one"
+    assert {r["impl"] for r in _timed(rows)} == set(built) | {"pregathered", "naive", "dense"}
+    assert all(float(r["median_ms"]) > 0 and float(r["useful_tflops"]) > 0 for r in _timed(rows))
+    for impl in not_built:
+        mine = [r for r in rows if r["impl"] == impl]
+        assert len(mine) == 2 and all(r["note"].startswith("not built") and not r["median_ms"] for r in mine)
+        assert variants.VARIANTS[impl[len("dilated-"):]].missing in mine[0]["note"]
+        assert re.search(rf"\|     all \| {impl} +\| not built", out), out
+    assert "dilated-ring" not in {r["impl"] for r in rows}
+    assert "| seq_len | impl" in out and f"wrote {tmp_path / 'bench.csv'}" in out
+
+
+def test_modes_spread_and_csv_columns(tmp_path):
+    assert main(TINY + ["--seq-lens", "64", "128", "--modes", "groups", "longnet", "--spread", "--repeats", "3",
+                        "--impls", "dilated-improved,dilated-standard,pregathered,naive,dense",
+                        "--out-dir", str(tmp_path)]) == 0
+    rows = _csv(tmp_path)
+    assert list(rows[0]) == bench.COLUMNS
+    got = {(int(r["seq_len"]), r["impl"], r["mode"]) for r in rows}
+    want = {(n, i, m) for n in (64, 128) for i in ("dilated-improved", "dilated-standard")
+            for m in ("groups", "longnet")}
+    want |= {(n, i, "groups") for n in (64, 128) for i in ("pregathered", "naive")}
+    want |= {(64, "dense", ""), (128, "dense", "")}
+    assert got == want and len(rows) == 2 * len(want)
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and r["torch"] == torch.__version__ and r["device"].startswith("CPU")
+        if r["pass"] == "fwd":
+            p10, p50, p90 = (float(r[c]) for c in ("fwd_p10_ms", "fwd_p50_ms", "fwd_p90_ms"))
+            assert 0 < p10 <= p50 <= p90
+            assert r["fwd_gpu_ms"] == ""  # GPU-only time needs CUDA
+        else:
+            assert r["fwd_p50_ms"] == ""
+    # Useful FLOPs: longnet runs every head in every branch, twice groups' work here.
+    fl = {(r["impl"], r["mode"]): float(r["useful_tflops"]) * float(r["median_ms"]) for r in rows
+          if r["pass"] == "fwd" and r["seq_len"] == "64"}
+    groups_flops = _bench.useful_flops(64, 2, 8, [16, 32], [1, 2], "groups", False)
+    assert fl[("dilated-standard", "groups")] == pytest.approx(groups_flops / 1e9, rel=1e-3)
+    assert fl[("dilated-standard", "longnet")] == pytest.approx(2 * fl[("dilated-standard", "groups")], rel=1e-3)
+
+
+def test_dense_rows_run_after_all_others(tmp_path, monkeypatch):
+    order = []
+    real = bench._callable
+
+    def spy(n, impl, *a, **k):
+        order.append((n, impl))
+        return real(n, impl, *a, **k)
+    monkeypatch.setattr(bench, "_callable", spy)
+    assert main(TINY + ["--seq-lens", "32,64", "--impls", "dense,dilated-standard,pregathered", "--repeats", "1",
+                        "--out-dir", str(tmp_path)]) == 0
+    assert order == [(32, "dilated-standard"), (32, "pregathered"), (64, "dilated-standard"), (64, "pregathered"),
+                     (32, "dense"), (64, "dense")]
+    # Written grouped by seq_len, in the order of --impls.
+    assert [(r["seq_len"], r["impl"]) for r in _csv(tmp_path)][::2] == [
+        ("32", "dense"), ("32", "dilated-standard"), ("32", "pregathered"),
+        ("64", "dense"), ("64", "dilated-standard"), ("64", "pregathered")]
+
+
+def test_aliases_and_the_same_call_timed_once(tmp_path, capsys):
+    assert main(TINY + ["--seq-lens", "64", "--impls", "op,op-sdpa,dilated-ring,block-sparse,dilated-block-sparse",
+                        "--out-dir", str(tmp_path)]) == 0
+    rows = _csv(tmp_path)
+    assert [r["impl"] for r in rows[::2]] == ["dilated-improved", "dilated-standard", "dilated-ring",
+                                              "dilated-block_sparse"]
+    ring = [r for r in rows if r["impl"] == "dilated-ring"]
+    assert ring and all(not r["median_ms"] and r["note"].startswith("same call as dilated-improved") for r in ring)
+    assert all(float(r["median_ms"]) > 0 for r in rows if r["impl"] in ("dilated-improved", "dilated-standard"))
+
+
+def test_rows_that_cannot_run_say_why(tmp_path):
+    # bfloat16: the variant table lists no CPU bfloat16 for the dilated variants; 48 tokens: the
+    # gather baselines need every segment length to divide seq_len; --dense-max 0: no dense rows.
+    assert main(TINY + ["--seq-lens", "48", "--dtype", "bfloat16", "--dense-max", "0",
+                        "--impls", "dilated-standard,naive,dense", "--out-dir", str(tmp_path)]) == 0
+    notes = {r["impl"]: r["note"] for r in _csv(tmp_path) if not r["median_ms"]}
+    assert set(notes) == {"dilated-standard", "naive", "dense"}
+    assert notes["dilated-standard"] == "skipped: standard does not run bfloat16 on cpu"
+    assert "divide seq_len 48" in notes["naive"] and notes["dense"] == "skipped: seq_len > --dense-max 0"
+
+
+def test_compile_adds_a_compiled_row_next_to_each_eager_one(tmp_path):
+    assert main(TINY + ["--seq-lens", "64", "--impls", "dilated-standard,dense", "--compile", "default",
+                        "--out-dir", str(tmp_path)]) == 0
+    rows = _csv(tmp_path)
+    assert [(r["impl"], r["compile"]) for r in rows[::2]] == [
+        ("dilated-standard", ""), ("dilated-standard", "default"), ("dense", "")]
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_profile_prints_the_kernel_table_and_the_host_profile(tmp_path, capsys):
+    assert main(TINY + ["--seq-lens", "64", "--impls", "dilated-standard", "--profile", "kernels,host",
+                        "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "profile (kernels): dilated-standard (groups), seq_len 64" in out and "Self CPU" in out
+    assert "profile (host): dilated-standard (groups), seq_len 64, forward, no grad: cProfile of 20 calls" in out
+    assert "profile (host): dilated-standard (groups), seq_len 64, forward+backward" in out
+    assert "dilated_attention" in out.split("profile (host)")[1]  # the op's own frames are listed
+    assert main(TINY + ["--seq-lens", "64", "--impls", "dense", "--profile", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "profile (kernels): dense, seq_len 64" in out and "profile (host)" not in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--impls", "dense,flash9"], "impls must be among dilated-standard, dilated-improved"),
+    (["--impls", "dilated-nope"], "got ['dilated-nope']"),
+    (["--modes", "groups,sparse"], "mode must be 'groups' or 'longnet': got 'sparse'"),
+    (["--spread", "--repeats", "1"], "repeats must be at least 2 with --spread"),
+    (["--profile", "gpu"], "profile must be among kernels, host: got ['gpu']"),
+    (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
+    (["--dense-max", "-1"], "dense_max must be a positive int: got -1"),
+])
+def test_bad_bench_arguments_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and "usage: dilated-ops bench" in err

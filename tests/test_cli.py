@@ -1,8 +1,10 @@
 """The command-line tool (issue 5): argument errors (exit 2, a message naming the argument, no
 traceback), --help for every subcommand, a tiny demo (convert -> train -> export -> reload in a
-fresh process), a tiny CPU bench (CSV + PNG), inspect against the reference mask, plot."""
+fresh process), a tiny CPU bench (CSV + PNG; the command's options are in test_bench.py),
+inspect against the reference mask, plot."""
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ def run_cli(*args, timeout=600):
     (["demo", "--d-model", "60", "--heads", "8"], "embed_dim (60) must be divisible by num_heads (8)"),
     (["demo", "--steps", "0"], "steps must be a positive int: got 0"),
     (["bench", "--device", "cpu", "--impls", "dense,flash9"], "impls must be among"),
+    (["bench", "--device", "cpu", "--mode", "sparse"], "mode must be 'groups' or 'longnet': got 'sparse'"),
     (["inspect", "--seq-len", "100000"], "seq_len must be at most 4096"),
 ])
 def test_argument_errors_exit_2_with_message(argv, needle, capsys):
@@ -74,8 +77,9 @@ def test_help(sub, capsys):
     if sub in ("demo", "bench", "inspect"):
         assert "--segment-lengths" in out and "--dilation-rates" in out
     if sub == "bench":
-        for flag in ("--device", "--dtype", "--seq-lens", "--heads", "--head-dim", "--batch", "--mode",
-                     "--out-dir", "--repeats"):
+        for flag in ("--device", "--dtype", "--seq-lens", "--heads", "--head-dim", "--batch", "--modes",
+                     "--mode", "--impls", "--spread", "--compile", "--profile", "--dense-max", "--out-dir",
+                     "--repeats", "--warmup"):
             assert flag in out
 
 
@@ -96,6 +100,8 @@ def test_tiny_demo_converts_trains_exports_and_reloads(tmp_path):
 
 
 def test_tiny_bench_writes_csv_and_png(tmp_path):
+    """The one benchmark command end to end in a fresh process, with its defaults' implementations."""
+    from dilated_ops import variants
     proc = run_cli("bench", "--device", "cpu", "--seq-lens", "64,128", "--heads", "2", "--head-dim", "8",
                    "--segment-lengths", "16,32", "--dilation-rates", "1,2", "--repeats", "2", "--warmup", "1",
                    "--out-dir", str(tmp_path))
@@ -103,12 +109,18 @@ def test_tiny_bench_writes_csv_and_png(tmp_path):
     with open(tmp_path / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:7] == ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", "note"]
-    assert len(rows) == 2 * 4 * 2  # seq lens x impls x passes
-    timed = [r for r in rows if r["impl"] != "block-sparse"]
-    assert {r["impl"] for r in timed} == {"dense", "dilated-improved", "dilated-standard"}
+    built = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.built and n != "ring"}
+    not_built = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if not v.built}
+    impls = built | not_built | {"pregathered", "naive", "dense"}
+    assert {r["impl"] for r in rows} == impls
+    assert len(rows) == 2 * len(impls) * 2  # seq lens x impls x passes (CPU default: groups only)
+    timed = [r for r in rows if r["impl"] not in not_built]
+    assert {"dilated-improved", "dilated-standard"} <= {r["impl"] for r in timed}
     assert all(float(r["median_ms"]) > 0 and float(r["useful_tflops"]) > 0 for r in timed)
-    assert all(r["note"].startswith("not built") and not r["median_ms"] for r in rows if r["impl"] == "block-sparse")
+    assert all(r["note"].startswith("not built") and not r["median_ms"] for r in rows if r["impl"] in not_built)
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and rows[0]["torch"] == torch.__version__
+    assert "| seq_len | impl" in proc.stdout
+    assert re.search(r"\|     all \| dilated-block_sparse +\| not built", proc.stdout), proc.stdout
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # plot redraws the PNG from the CSV alone.
     out_png = tmp_path / "again.png"

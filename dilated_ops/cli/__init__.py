@@ -1,9 +1,10 @@
 """``dilated-ops`` / ``python -m dilated_ops``: the command-line tool.
 
 Subcommands: ``demo`` (the default: convert a stock transformer through the compile backend,
-train it on a long-range task, export, reload, check), ``bench`` (time dense SDPA and the
-dilated op over sequence lengths; CSV + PNG), ``inspect`` (draw the attention pattern of a
-config, with its density and FLOPs) and ``plot`` (the bench PNG from a bench CSV).
+train it on a long-range task, export, reload, check), ``bench`` (the one benchmark: the
+dilated variants, baselines and dense SDPA over sequence lengths; table, CSV + PNG),
+``inspect`` (draw the attention pattern of a config, with its density and FLOPs) and ``plot``
+(the bench PNG from a bench CSV).
 
 Bad arguments exit with code 2 and a message naming the argument, no traceback: argparse's own
 errors, and the package's validation messages (:mod:`dilated_ops._checks`) raised before any
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dilation-rates", type=int_list, default=None,
                       help="dilated model's dilation rates (default: 1,4,16)")
     demo.add_argument("--mode", choices=("groups", "longnet"), default="groups", help="dilated attention mode")
-    demo.add_argument("--implementation", choices=("auto", "standard", "improved"), default="auto",
-                      help="the factory's implementation name")
+    demo.add_argument("--implementation", choices=_implementations(), default="auto",
+                      help="the variant the attention is rewritten into (dilated_ops.variants)")
     demo.add_argument("--steps", type=int, default=300, help="training steps")
     demo.add_argument("--baseline-steps", type=int, default=None,
                       help="training steps of the local-only baseline (default: --steps; 0 skips it)")
@@ -91,32 +92,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", formatter_class=_Formatter,
-        help="time dense SDPA and the dilated op over sequence lengths; CSV + PNG",
-        description="Times dense SDPA, the dilated op (implementation 'improved' = op backend "
-                    "'auto', 'standard' = op backend 'sdpa') and block-sparse (not built yet: listed, "
-                    "not timed) over sequence lengths, forward and forward+backward. CUDA: median of "
-                    "CUDA-event timings after warm-up and peak allocated memory; CPU: median of "
-                    "time.perf_counter timings, no peak memory. Writes OUT_DIR/bench.csv and "
-                    "OUT_DIR/bench.png (matplotlib; without it, only the CSV: draw the PNG later with "
-                    "`dilated-ops plot OUT_DIR/bench.csv`).")
+        help="the benchmark: the dilated variants, baselines and dense SDPA over sequence lengths; "
+             "table + CSV + PNG",
+        description="Times, side by side in one process, forward and forward+backward over sequence "
+                    "lengths: dilated-NAME for each row of the variant table (dilated_ops.variants; "
+                    "rows not built are listed, not timed; ring is improved's call in one process), "
+                    "the baselines 'pregathered' (SDPA on segments gathered beforehand: the floor) "
+                    "and 'naive' (index gather, SDPA, scatter), and dense SDPA, which runs after all "
+                    "others. CUDA: median of CUDA-event timings after warm-up and peak allocated "
+                    "memory; CPU: median of time.perf_counter timings, no peak memory. TF/s count "
+                    "useful FLOPs. Prints a Markdown table and writes OUT_DIR/bench.csv and "
+                    "OUT_DIR/bench.png (matplotlib; without it, only the CSV: draw the PNG later "
+                    "with `dilated-ops plot OUT_DIR/bench.csv`).")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     bench.add_argument("--dtype", choices=DTYPES, default=None,
                        help="default: bfloat16 on CUDA, float32 on CPU")
-    bench.add_argument("--seq-lens", type=int_list, default=None,
-                       help="default: 4096,16384,65536,262144 on CUDA, 1024,2048,4096 on CPU")
+    bench.add_argument("--seq-lens", type=int_list, nargs="+", default=None,
+                       help="comma- or space-separated (default: 4096,16384,65536,262144 on CUDA, "
+                            "1024,2048,4096 on CPU)")
     bench.add_argument("--batch", type=int, default=1, help="batch size")
     bench.add_argument("--heads", type=int, default=12, help="attention heads")
     bench.add_argument("--head-dim", type=int, default=64, help="head dimension")
     bench.add_argument("--segment-lengths", type=int_list, default=None,
                        help="default: 2048,4096,8192 on CUDA, 256,512,1024 on CPU")
-    bench.add_argument("--dilation-rates", type=int_list, default=[1, 2, 4], help="comma-separated (default: 1,2,4)")
-    bench.add_argument("--mode", choices=("groups", "longnet"), default="groups", help="dilated attention mode")
+    bench.add_argument("--dilation-rates", type=int_list, default=None,
+                       help="comma-separated (default: 1,2,4,... one per segment length)")
+    bench.add_argument("--modes", "--mode", dest="modes", type=str_list, nargs="+", default=None,
+                       help="dilated attention modes, each timed for every dilated implementation "
+                            "(the baselines run groups only): groups, longnet (default: both on CUDA, "
+                            "groups on CPU)")
     bench.add_argument("--causal", action="store_true", help="causal attention")
-    bench.add_argument("--impls", type=str_list, default=list(_bench_impls()),
-                       help="comma-separated, among: " + ", ".join(_bench_impls()) + " (default: all)")
-    bench.add_argument("--dense-max", type=int, default=65536, help="largest seq_len timed with dense SDPA")
+    bench.add_argument("--impls", type=str_list, nargs="+", default=None,
+                       help="comma- or space-separated, among: " + ", ".join(_bench_impls())
+                            + "; aliases block-sparse, op, op-sdpa (default: every variant but ring, "
+                              "then pregathered, naive, dense)")
+    bench.add_argument("--dense-max", type=int, default=65536,
+                       help="largest seq_len timed with dense SDPA (0: no dense rows)")
     bench.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 20 CUDA, 5 CPU")
     bench.add_argument("--warmup", type=int, default=None, help="default 5 CUDA, 1 CPU")
+    bench.add_argument("--spread", action="store_true",
+                       help="also the forward's p10 / median / p90 per call and, on CUDA, its GPU-only "
+                            "median (the GPU held busy while the host enqueues), measured first in "
+                            "each row: tells host-bound rows from GPU-bound ones")
+    bench.add_argument("--compile", choices=("default", "reduce-overhead"), default=None,
+                       help="also time each dilated row through torch.compile(fn, mode=..., "
+                            "fullgraph=True), next to the eager row (reduce-overhead: CUDA graphs "
+                            "replay the launches, which removes the eager host overhead)")
+    bench.add_argument("--profile", type=str_list, nargs="?", const=["kernels"], default=[],
+                       help="before the timings, profile one call of the first implementation at the "
+                            "first seq_len: 'kernels' (the default when given bare: torch.profiler "
+                            "table of one forward+backward, kernels by GPU time on CUDA), 'host' "
+                            "(cProfile of many forward and forward+backward calls, by own time), or "
+                            "'kernels,host'")
     bench.add_argument("--out-dir", default="bench_out", help="where bench.csv and bench.png go")
 
     insp = sub.add_parser(
@@ -144,22 +171,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _implementations():
+    """The built variants' names (the variant table), "auto" first."""
+    from .. import variants
+    return ("auto",) + tuple(v.name for v in variants.VARIANTS.values() if v.built)
+
+
 def _bench_impls():
-    return ("dense", "dilated-improved", "dilated-standard", "block-sparse")
+    """The names ``bench --impls`` accepts (besides aliases): one per row of the variant table,
+    then the baselines and dense."""
+    from .bench import impl_names
+    return tuple(impl_names())
+
+
+def _flatten(values):
+    return None if values is None else [x for part in values for x in part]
 
 
 def _bench_defaults(args) -> None:
     import torch
 
+    from .bench import default_impls
     from .demo import resolve_device
     args.device = resolve_device(args.device)
     cuda = torch.device(args.device).type == "cuda"
+    # Defaults sized per device: the CUDA ones are the table benchmarks/RESULTS.md reports, the
+    # CPU ones finish in seconds.
     if args.dtype is None:
         args.dtype = "bfloat16" if cuda else "float32"
-    if args.seq_lens is None:
-        args.seq_lens = [4096, 16384, 65536, 262144] if cuda else [1024, 2048, 4096]
+    args.seq_lens = _flatten(args.seq_lens) or ([4096, 16384, 65536, 262144] if cuda else [1024, 2048, 4096])
     if args.segment_lengths is None:
         args.segment_lengths = [2048, 4096, 8192] if cuda else [256, 512, 1024]
+    if args.dilation_rates is None:
+        args.dilation_rates = [2**i for i in range(len(args.segment_lengths))]
+    args.modes = list(dict.fromkeys(_flatten(args.modes) or (["groups", "longnet"] if cuda else ["groups"])))
+    args.impls = _flatten(args.impls) or default_impls()
     if args.repeats is None:
         args.repeats = 20 if cuda else 5
     if args.warmup is None:

@@ -1,31 +1,77 @@
-"""``dilated-ops bench``: dense SDPA, the dilated op (implementations "improved" = op backend
-"auto", "standard" = op backend "sdpa") and block-sparse (not built: listed, not timed) over a
-range of sequence lengths, forward and forward+backward; writes ``bench.csv`` and, with
-matplotlib, ``bench.png`` (time and peak memory vs sequence length, log-log).
-``dilated-ops plot CSV`` draws the PNG from a CSV afterwards (e.g. when the machine that ran the
-bench has no matplotlib). Timing: :mod:`dilated_ops._bench`, shared with
-``benchmarks/bench_dilated.py``."""
+"""``dilated-ops bench``: the project's one benchmark command.
+
+Times, side by side in one process, over a range of sequence lengths, forward and
+forward+backward:
+
+- ``dilated-NAME`` for each row NAME of the variant table (:data:`dilated_ops.variants.VARIANTS`),
+  called as ``dilated_ops.dilated_attention(..., **variant.op_kwargs)``; a row that is not built
+  is listed with its reason and not timed, and a row whose call is the same as an earlier one's
+  (same op, same op arguments: ``ring`` and ``improved`` in one process) is listed as such and
+  timed once;
+- the baselines of :mod:`dilated_ops._bench`: ``pregathered`` (SDPA on segments gathered
+  beforehand, the floor of this design) and ``naive`` (index gather, SDPA, scatter);
+- ``dense`` (SDPA over the whole sequence, up to ``--dense-max``), run after all the others.
+
+Options add the forward's spread and GPU-only time (``--spread``), a ``torch.compile`` row per
+dilated row (``--compile``), and a kernel or host profile of one call (``--profile``).
+Writes ``bench.csv`` and, with matplotlib, ``bench.png`` (time and peak memory vs sequence
+length, log-log); ``dilated-ops plot CSV`` draws the PNG from a CSV afterwards.
+"""
 from __future__ import annotations
 
 import csv
 import datetime
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from .. import _bench, _checks
+from .. import _bench, _checks, variants
 from .._progress import Progress
-from ..registrations import dilated_attention
+from ..functional import dilated_attention
 
-COLUMNS = ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", "note",
-           "device", "dtype", "torch", "date", "batch", "heads", "head_dim", "segment_lengths",
-           "dilation_rates", "mode", "causal", "repeats"]
-IMPLS = ["dense", "dilated-improved", "dilated-standard", "block-sparse"]
+COLUMNS = ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", "note", "mode", "compile",
+           "fwd_p10_ms", "fwd_p50_ms", "fwd_p90_ms", "fwd_gpu_ms",
+           "device", "dtype", "torch", "triton", "date", "batch", "heads", "head_dim", "segment_lengths",
+           "dilation_rates", "causal", "repeats", "warmup"]
 PASSES = ("fwd", "fwd+bwd")
-NOT_BUILT = "not built yet (no block-sparse implementation exists)"
+MODES = ("groups", "longnet")
+BASELINES = ("pregathered", "naive")
+DENSE = "dense"
+# Names users know from earlier versions of this command and of the removed benchmark script.
+ALIASES = {"block-sparse": "dilated-block_sparse", "op": "dilated-improved", "op-sdpa": "dilated-standard"}
+COMPILE_MODES = ("default", "reduce-overhead")
+PROFILES = ("kernels", "host")
+NOT_BUILT = "not built"
+
+
+def dilated_name(variant_name: str) -> str:
+    return f"dilated-{variant_name}"
+
+
+def impl_names() -> List[str]:
+    """Every name ``--impls`` accepts besides the aliases: one per variant, the baselines, dense."""
+    return [dilated_name(v) for v in variants.VARIANTS] + list(BASELINES) + [DENSE]
+
+
+def default_impls() -> List[str]:
+    """Every variant except ring (in one process it is improved's call), the baselines, dense."""
+    return [dilated_name(v) for v in variants.VARIANTS if v != "ring"] + list(BASELINES) + [DENSE]
+
+
+def canonical_impl(name: str) -> Optional[str]:
+    """The name a user typed -> the canonical impl name, or None if unknown. ``dilated-X``
+    also takes X with dashes for underscores (``dilated-block-sparse``)."""
+    name = ALIASES.get(name, name)
+    if name.startswith("dilated-"):
+        variant = name[len("dilated-"):].replace("-", "_")
+        return dilated_name(variant) if variant in variants.VARIANTS else None
+    return name if name in BASELINES or name == DENSE else None
+
+
+def _variant(impl: str) -> Optional[variants.Variant]:
+    return variants.VARIANTS[impl[len("dilated-"):]] if impl.startswith("dilated-") else None
 
 
 def device_name(device: str) -> str:
@@ -35,60 +81,207 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return getattr(triton, "__version__", "")
+
+
 def validate(args) -> None:
     from .demo import resolve_device
     args.device = resolve_device(args.device)
     _checks.check_segments(args.segment_lengths, args.dilation_rates)
-    _checks.check_mode(args.mode)
-    for name in ("heads", "head_dim", "batch", "repeats", "warmup"):
+    for mode in args.modes:
+        _checks.check_mode(mode)
+    for name in ("heads", "head_dim", "batch", "repeats", "warmup", "dense_max"):
         value = getattr(args, name)
-        if name == "warmup" and value == 0:
+        if name in ("warmup", "dense_max") and value == 0:
             continue
         _checks.check_positive_int(name, value)
     _checks.check_int_list("seq_lens", args.seq_lens)
-    if args.mode == "groups":
+    if "groups" in args.modes:
         _checks.check_num_groups(args.heads, len(args.segment_lengths))
     dtype = getattr(torch, args.dtype)
     if torch.device(args.device).type == "cpu" and dtype in (torch.float16,):
-        raise ValueError(f"dtype float16 is not supported on the CPU by PyTorch's attention kernels; "
-                         f"use float32, float64 or bfloat16")
-    unknown = [i for i in args.impls if i not in IMPLS]
+        raise ValueError("dtype float16 is not supported on the CPU by PyTorch's attention kernels; "
+                         "use float32, float64 or bfloat16")
+    unknown = [i for i in args.impls if canonical_impl(i) is None]
     if unknown:
-        raise ValueError(f"impls must be among {', '.join(IMPLS)}: got {unknown}")
+        raise ValueError(f"impls must be among {', '.join(impl_names())} (aliases: "
+                         f"{', '.join(f'{a} = {c}' for a, c in ALIASES.items())}): got {unknown}")
+    args.impls = list(dict.fromkeys(canonical_impl(i) for i in args.impls))
+    if args.spread and args.repeats < 2:
+        raise ValueError(f"repeats must be at least 2 with --spread (it takes deciles): got {args.repeats}")
+    bad = [p for p in args.profile if p not in PROFILES]
+    if bad:
+        raise ValueError(f"profile must be among {', '.join(PROFILES)}: got {bad}")
 
 
-def _rows_for(n, impl, args, dtype, meta) -> List[Dict]:
-    b, h, d = args.batch, args.heads, args.head_dim
-    segs, rates = args.segment_lengths, args.dilation_rates
-    base = dict(meta, seq_len=n, impl=impl)
-    if impl == "block-sparse":
-        return [dict(base, **{"pass": p, "note": NOT_BUILT}) for p in PASSES]
-    if impl == "dense" and n > args.dense_max:
-        return [dict(base, **{"pass": p, "note": f"skipped: seq_len > --dense-max {args.dense_max}"}) for p in PASSES]
+def _jobs(args) -> List[Tuple[int, str, str, Optional[str]]]:
+    """(seq_len, impl, mode, compile mode) in the order they run: every implementation but dense
+    for each seq_len, then dense for each seq_len. Dense runs last because its calls are long
+    full-GPU loads, and right after them the next row's first timings were seen to run slower
+    with its kernels' own time unchanged: a transient that would be charged to whatever row
+    happened to follow dense."""
+    jobs = []
+    for n in args.seq_lens:
+        for impl in args.impls:
+            if impl == DENSE:
+                continue
+            if _variant(impl) is not None and not _variant(impl).built:
+                jobs.append((n, impl, "", None))  # listed once per seq_len, whatever the modes
+                continue
+            for mode in (args.modes if impl not in BASELINES else ["groups"]):
+                jobs.append((n, impl, mode, None))
+                if args.compile and _variant(impl) is not None and _variant(impl).built:
+                    jobs.append((n, impl, mode, args.compile))
+    if DENSE in args.impls:
+        jobs += [(n, DENSE, "", None) for n in args.seq_lens]
+    return jobs
+
+
+def _inputs(n, args, dtype):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(b, n, h, d, device=args.device, dtype=dtype, requires_grad=True) for _ in range(3))
-    if impl == "dense":
-        flops = _bench.dense_flops(n, h, d, args.causal)
-        make = lambda: [F.scaled_dot_product_attention(  # noqa: E731
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=args.causal)]
-    else:
-        flops = _bench.useful_flops(n, h, d, segs, rates, args.mode, args.causal)
-        op_backend = "auto" if impl == "dilated-improved" else "sdpa"
-        make = lambda: [dilated_attention(q, k, v, segs, rates, mode=args.mode,  # noqa: E731
-                                          is_causal=args.causal, backend=op_backend)]
+    return [torch.randn(args.batch, n, args.heads, args.head_dim, device=args.device, dtype=dtype,
+                        requires_grad=True) for _ in range(3)]
+
+
+def _callable(n, impl, mode, compile_mode, args, dtype):
+    """(make_out, params, useful forward FLOPs) for one row: ``make_out()`` returns the list of
+    outputs, ``params`` the leaves the backward fills."""
+    h, d = args.heads, args.head_dim
+    segs, rates, causal = args.segment_lengths, args.dilation_rates, args.causal
+    q, k, v = _inputs(n, args, dtype)
+    if impl == DENSE:
+        return (lambda: [_bench.dense(q, k, v, causal)]), (q, k, v), _bench.dense_flops(n, h, d, causal)
+    flops = _bench.useful_flops(n, h, d, segs, rates, mode, causal)
+    if impl == "naive":
+        return (lambda: [_bench.naive(q, k, v, segs, rates, causal)]), (q, k, v), flops
+    if impl == "pregathered":
+        batches = _bench.pregather(q, k, v, segs, rates)
+        return (lambda: _bench.pregathered(batches, causal)), [t for bt in batches for t in bt], flops
+    kwargs = _variant(impl).op_kwargs
+
+    def call(q, k, v):
+        return dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=causal, **kwargs)
+    if compile_mode:
+        # A fresh Dynamo cache per row: every row compiles the same function, and after a few
+        # recompiles Dynamo would silently fall back to eager for the rest of the table.
+        torch._dynamo.reset()
+        call = torch.compile(call, mode=compile_mode, fullgraph=True)
+    return (lambda: [call(q, k, v)]), (q, k, v), flops
+
+
+def _why_not_timed(n, impl, mode, args, dtype, timed_calls) -> Optional[str]:
+    variant = _variant(impl)
+    if variant is not None:
+        if not variant.built:
+            return f"{NOT_BUILT}: {variant.missing}"
+        device_type = torch.device(args.device).type
+        if dtype not in variant.dtypes(device_type):
+            return f"skipped: {variant.name} does not run {args.dtype} on {device_type}"
+        same = timed_calls.get((id(variant.op), tuple(sorted(variant.op_kwargs.items()))))
+        if same is not None and same != impl:
+            return f"same call as {same} (op arguments {variant.op_kwargs}): timed once, under that name"
+    elif impl in BASELINES:
+        return _bench.baseline_applies(n, args.segment_lengths, mode)
+    elif impl == DENSE and n > args.dense_max:
+        return f"skipped: seq_len > --dense-max {args.dense_max}"
+    return None
+
+
+def _rows_for(n, impl, mode, compile_mode, args, dtype, meta, timed_calls) -> List[Dict]:
+    base = dict(meta, seq_len=n, impl=impl, mode=mode, compile=compile_mode or "")
+    note = _why_not_timed(n, impl, mode, args, dtype, timed_calls)
+    if note:
+        return [dict(base, **{"pass": p, "note": note}) for p in PASSES]
+    variant = _variant(impl)
+    if variant is not None:
+        timed_calls.setdefault((id(variant.op), tuple(sorted(variant.op_kwargs.items()))), impl)
+    # The first calls of a compiled function compile it (and with reduce-overhead record its
+    # CUDA graph): at least three warm-up calls keep that out of the timings.
+    warmup = max(args.warmup, 3) if compile_mode else args.warmup
     try:
-        f, fb, peak = _bench.measure(make, (q, k, v), args.warmup, args.repeats, args.device)
+        make, params, flops = _callable(n, impl, mode, compile_mode, args, dtype)
+        # Measured first in the row, as a row's first timings are the ones a transient hits.
+        spread = _bench.forward_spread(make, warmup, args.repeats, args.device) if args.spread else None
+        f, fb, peak = _bench.measure(make, params, warmup, args.repeats, args.device)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return [dict(base, **{"pass": p, "note": "out of memory"}) for p in PASSES]
     peak_mib = "" if peak is None else f"{peak * 1024:.1f}"
-    note = "" if peak is not None else "peak memory: CUDA only"
-    return [
-        dict(base, **{"pass": "fwd", "median_ms": f"{f:.5g}", "useful_tflops": f"{flops / f / 1e9:.4g}",
-                      "peak_mib": peak_mib, "note": note}),
-        dict(base, **{"pass": "fwd+bwd", "median_ms": f"{fb:.5g}", "useful_tflops": f"{3.5 * flops / fb / 1e9:.4g}",
-                      "peak_mib": peak_mib, "note": note}),
-    ]
+    fwd = dict(base, **{"pass": "fwd", "median_ms": f"{f:.5g}", "useful_tflops": f"{flops / f / 1e9:.4g}",
+                        "peak_mib": peak_mib})
+    if spread is not None:
+        p10, p50, p90, gpu = spread
+        fwd.update(fwd_p10_ms=f"{p10:.5g}", fwd_p50_ms=f"{p50:.5g}", fwd_p90_ms=f"{p90:.5g}",
+                   fwd_gpu_ms="" if gpu is None else f"{gpu:.5g}")
+    total_flops = (1 + _bench.BACKWARD_FLOP_FACTOR) * flops
+    fb_row = dict(base, **{"pass": "fwd+bwd", "median_ms": f"{fb:.5g}",
+                           "useful_tflops": f"{total_flops / fb / 1e9:.4g}", "peak_mib": peak_mib})
+    return [fwd, fb_row]
+
+
+def row_label(row: Dict) -> str:
+    """``impl (mode, compile)`` as the table and the plot show a row."""
+    extra = [x for x in (row.get("mode", ""), row.get("compile", "") and f"compiled {row['compile']}") if x]
+    return row["impl"] + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _profile(args, dtype, out) -> None:
+    """The ``--profile`` outputs, for the first timed implementation at the first seq_len."""
+    n, mode = args.seq_lens[0], args.modes[0]
+    impl = next((i for i in args.impls
+                 if _why_not_timed(n, i, mode if i not in BASELINES else "groups", args, dtype, {}) is None), None)
+    if impl is None:
+        print("profile: nothing to profile (no implementation runs at the first seq_len)", file=out)
+        return
+    mode = "groups" if impl in BASELINES else "" if impl == DENSE else mode
+    make, params, _ = _callable(n, impl, mode, None, args, dtype)
+    label = row_label({"impl": impl, "mode": mode})
+    fwd, fwd_bwd = _bench._no_grad(make), _bench._fwd_bwd(make, params)
+    if "kernels" in args.profile:
+        print(f"\nprofile (kernels): {label}, seq_len {n}, one forward+backward (torch.profiler)", file=out)
+        print(_bench.kernel_profile(fwd_bwd, args.device), file=out, flush=True)
+    if "host" in args.profile:
+        reps = 10 * args.repeats
+        for name, call in (("forward, no grad", fwd), ("forward+backward", fwd_bwd)):
+            print(f"\nprofile (host): {label}, seq_len {n}, {name}: cProfile of {reps} calls, by own time",
+                  file=out)
+            print(_bench.host_profile(call, args.device, reps=reps), file=out, flush=True)
+
+
+def _tflops(text: str) -> str:
+    x = float(text)
+    return f"{x:.1f}" if x >= 1 else f"{x:.3g}"
+
+
+def _table(rows: List[Dict], spread: bool) -> List[str]:
+    label_w = max([len("impl")] + [len(row_label(r)) for r in rows])
+    head = ["seq_len", "impl".ljust(label_w), "fwd ms", "fwd TF/s", "fwd+bwd ms", "f+b TF/s", "peak MiB"]
+    if spread:
+        head += ["fwd p10", "fwd p50", "fwd p90", "fwd GPU"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("-" * (len(c) + 2) for c in head) + "|"]
+    not_built = {}  # impl -> note: one line for all seq_lens, after the others
+    for fwd, fb in zip(rows[::2], rows[1::2]):
+        cells = [f"{fwd['seq_len']:>7}", row_label(fwd).ljust(label_w)]
+        if fwd.get("note", "").startswith(NOT_BUILT):
+            not_built.setdefault(fwd["impl"], fwd["note"])
+            continue
+        if not fwd.get("median_ms"):
+            lines.append("| " + " | ".join(cells) + f" | {fwd['note']} |")
+            continue
+        cells += [f"{float(fwd['median_ms']):>6.3f}", f"{_tflops(fwd['useful_tflops']):>8}",
+                  f"{float(fb['median_ms']):>10.3f}", f"{_tflops(fb['useful_tflops']):>8}",
+                  f"{fb['peak_mib'] or '-':>8}"]
+        if spread:
+            cells += [f"{float(fwd[c]):>7.3f}" if fwd.get(c) else f"{'-':>7}"
+                      for c in ("fwd_p10_ms", "fwd_p50_ms", "fwd_p90_ms", "fwd_gpu_ms")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"| {'all':>7} | {impl.ljust(label_w)} | {note} |" for impl, note in not_built.items()]
+    return lines
 
 
 def run(args, out=None) -> dict:
@@ -96,45 +289,50 @@ def run(args, out=None) -> dict:
     validate(args)
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     dtype = getattr(torch, args.dtype)
+    cuda = torch.device(args.device).type == "cuda"
     os.makedirs(args.out_dir, exist_ok=True)
     meta = {"device": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "batch": args.batch, "heads": args.heads,
-            "head_dim": args.head_dim, "segment_lengths": " ".join(map(str, args.segment_lengths)),
-            "dilation_rates": " ".join(map(str, args.dilation_rates)), "mode": args.mode,
-            "causal": args.causal, "repeats": args.repeats}
-    say(f"dilated_ops bench: {meta['device']}, torch {meta['torch']}, {args.dtype}, batch {args.batch}, "
-        f"heads {args.heads}, head_dim {args.head_dim}, segment_lengths {args.segment_lengths}, "
-        f"dilation_rates {args.dilation_rates}, mode {args.mode}, causal {args.causal}")
+            "triton": triton_version(), "date": datetime.date.today().isoformat(), "batch": args.batch,
+            "heads": args.heads, "head_dim": args.head_dim,
+            "segment_lengths": " ".join(map(str, args.segment_lengths)),
+            "dilation_rates": " ".join(map(str, args.dilation_rates)), "causal": args.causal,
+            "repeats": args.repeats, "warmup": args.warmup}
+    say(f"dilated_ops bench: {meta['device']}, torch {meta['torch']}, Triton {meta['triton'] or 'none'}, "
+        f"{args.dtype}, batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, segment_lengths "
+        f"{args.segment_lengths}, dilation_rates {args.dilation_rates}, modes {args.modes}, causal {args.causal}")
     say(f"median of {args.repeats} runs after {args.warmup} warm-up runs "
         + ("(CUDA events); peak = max allocated in one forward+backward, inputs included"
-           if torch.device(args.device).type == "cuda" else "(time.perf_counter); no peak memory on CPU"))
-    if "block-sparse" in args.impls:
-        say(f"block-sparse: {NOT_BUILT}; listed in the CSV, not timed")
-    csv_path = os.path.join(args.out_dir, "bench.csv")
-    rows: List[Dict] = []
-    jobs = [(n, impl) for n in args.seq_lens for impl in args.impls]
-    header = f"  {'seq_len':>8}  {'impl':<17} {'fwd ms':>10} {'fwd+bwd ms':>11} {'f+b TFLOP/s':>11} {'peak MiB':>9}"
-    lines = [header]
+           if cuda else "(time.perf_counter); no peak memory on CPU")
+        + "; TF/s = useful FLOPs per second; every row in this process, dense rows last")
+    for impl in args.impls:
+        variant = _variant(impl)
+        if variant is not None and not variant.built:
+            say(f"{impl}: {NOT_BUILT} ({variant.missing}); listed, not timed")
+    if args.profile:
+        _profile(args, dtype, out)
+    jobs = _jobs(args)
+    rows: List[Tuple[tuple, List[Dict]]] = []
+    timed_calls: Dict[tuple, str] = {}
+    order = {impl: i for i, impl in enumerate(args.impls)}
     with Progress(len(jobs), desc="  bench", stream=out) as bar:
-        for n, impl in jobs:
-            new = _rows_for(n, impl, args, dtype, meta)
-            rows.extend(new)
-            fwd, fb = new
-            if fwd.get("median_ms"):
-                lines.append(f"  {n:>8}  {impl:<17} {float(fwd['median_ms']):>10.3f} {float(fb['median_ms']):>11.3f} "
-                             f"{float(fb['useful_tflops']):>11.3f} {fb['peak_mib'] or '-':>9}")
-            else:
-                lines.append(f"  {n:>8}  {impl:<17} {fwd['note']}")
+        for n, impl, mode, compile_mode in jobs:
+            new = _rows_for(n, impl, mode, compile_mode, args, dtype, meta, timed_calls)
+            key = (args.seq_lens.index(n), order[impl], args.modes.index(mode) if mode in args.modes else -1,
+                   bool(compile_mode))
+            rows.append((key, new))
             bar.update(1, seq_len=n, impl=impl)
-            if torch.device(args.device).type == "cuda":
+            if cuda:
                 torch.cuda.empty_cache()
+    # Printed and written grouped by seq_len in the order of --impls (not in the order run).
+    flat = [r for _, pair in sorted(rows, key=lambda kr: kr[0]) for r in pair]
+    csv_path = os.path.join(args.out_dir, "bench.csv")
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        for row in rows:
+        for row in flat:
             writer.writerow({c: row.get(c, "") for c in COLUMNS})
-    say("\n".join(lines))
-    say(f"wrote {csv_path} ({len(rows)} rows)")
+    say("\n".join(_table(flat, args.spread)))
+    say(f"wrote {csv_path} ({len(flat)} rows)")
     png_path = os.path.join(args.out_dir, "bench.png")
     try:
         plot(csv_path, png_path)
@@ -144,7 +342,7 @@ def run(args, out=None) -> dict:
         say(f"note: the plot needs matplotlib, which is not installed here; draw it later with "
             f"`python -m dilated_ops plot {csv_path}` on a machine that has it "
             f"(pip install 'dilated-ops[bench]' or pip install matplotlib)")
-    return {"csv": csv_path, "png": png_path, "rows": rows}
+    return {"csv": csv_path, "png": png_path, "rows": flat}
 
 
 def read_csv(path: str) -> List[Dict]:
@@ -167,23 +365,25 @@ def plot(csv_path: str, png_path: str) -> str:
     meta = rows[0]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     styles = {"fwd": "--", "fwd+bwd": "-"}
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    colors = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    labels = list(dict.fromkeys(row_label(r) for r in rows if r["median_ms"]))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
     any_memory = False
-    for impl in impls:
+    for label in labels:
+        mine = [r for r in rows if row_label(r) == label and r["median_ms"]]
         for p in PASSES:
-            pts = sorted((int(r["seq_len"]), float(r["median_ms"])) for r in rows
-                         if r["impl"] == impl and r["pass"] == p and r["median_ms"])
+            pts = sorted((int(r["seq_len"]), float(r["median_ms"])) for r in mine if r["pass"] == p)
             if pts:
-                ax_t.plot(*zip(*pts), styles[p], marker="o", color=colors[impl], label=f"{impl} {p}")
-        mem = sorted((int(r["seq_len"]), float(r["peak_mib"])) for r in rows
-                     if r["impl"] == impl and r["pass"] == "fwd+bwd" and r.get("peak_mib"))
+                ax_t.plot(*zip(*pts), styles[p], marker="o", color=colors[label], label=f"{label} {p}")
+        mem = sorted((int(r["seq_len"]), float(r["peak_mib"])) for r in mine
+                     if r["pass"] == "fwd+bwd" and r.get("peak_mib"))
         if mem:
             any_memory = True
-            ax_m.plot(*zip(*mem), "-", marker="o", color=colors[impl], label=f"{impl} fwd+bwd")
+            ax_m.plot(*zip(*mem), "-", marker="o", color=colors[label], label=f"{label} fwd+bwd")
     ax_t.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median time (ms)",
              title="time (dashed: forward, solid: forward+backward)")
-    ax_t.legend(fontsize=7)
+    if labels:
+        ax_t.legend(fontsize=7)
     ax_t.grid(True, which="both", alpha=0.3)
     ax_m.set(xlabel="sequence length", ylabel="peak memory (MiB)", title="peak memory, forward+backward")
     if any_memory:
@@ -193,11 +393,12 @@ def plot(csv_path: str, png_path: str) -> str:
     else:
         ax_m.text(0.5, 0.5, "peak memory is measured on CUDA only", ha="center", va="center",
                   transform=ax_m.transAxes)
-    not_built = sorted({r["impl"] for r in rows if r.get("note", "").startswith("not built")})
-    fig.suptitle(f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, {meta.get('dtype', '?')}, "
+    not_built = sorted({r["impl"] for r in rows if r.get("note", "").startswith(NOT_BUILT)})
+    triton = f", Triton {meta['triton']}" if meta.get("triton") else ""
+    fig.suptitle(f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}{triton}, {meta.get('dtype', '?')}, "
                  f"{meta.get('date', '?')}; batch {meta.get('batch')}, heads {meta.get('heads')}, "
                  f"head_dim {meta.get('head_dim')}, segments [{meta.get('segment_lengths')}], "
-                 f"rates [{meta.get('dilation_rates')}], {meta.get('mode')}"
+                 f"rates [{meta.get('dilation_rates')}]"
                  + (f"\nnot built, not shown: {', '.join(not_built)}" if not_built else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

@@ -25,12 +25,11 @@ from . import triton_replay
 from .attention import device_capability
 from .triton_replay import Launch
 
-# Tile configuration per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), from
-# benchmarks/sweep_triton.py on Hopper (the fastest there at d=64 and d=128: benchmarks/RESULTS.md,
-# "tile sweep").
+# Tile configuration per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages), the fastest of a
+# tile sweep on Hopper at d=64 and d=128 (benchmarks/RESULTS.md's method paragraph says where).
 CONFIGS = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 128, 8, 3)}
 # Where the op uses it: head dims where it measured faster than SDPA on views + copy; at d=128
-# even the best tiles were slower than that, so not there (benchmarks/RESULTS.md, "tile sweep").
+# even the best tiles were slower than that, so not there.
 FASTER_HEAD_DIMS = (64,)
 ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
