@@ -44,6 +44,7 @@ def device_capability(device: torch.device):
 
 
 def select_backend(q: torch.Tensor, dropout_p: float, scale: float) -> str:
+    """The attention kernel for one piece, q ``(batch*segments, heads, len, head_dim)``."""
     if dropout_p > 0.0:
         return "math"
     if q.device.type == "cpu":
@@ -55,6 +56,7 @@ def select_backend(q: torch.Tensor, dropout_p: float, scale: float) -> str:
         if q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256 and scale > 0:
             if (
                 head_dim <= 128
+                and q.shape[-2] > 1  # cuDNN's frontend refuses s_q = s_kv = 1 (a one-token piece)
                 and cuda.cudnn_sdp_enabled()
                 and torch.backends.cudnn.is_available()
                 and device_capability(q.device) >= (9, 0)
