@@ -1,6 +1,8 @@
 """The v0.2.0 ``dilated_attention_pytorch`` import paths, each only re-exporting from
 :mod:`dilated_ops` (the package that holds the code)."""
 from dilated_ops import (
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
     DilatedAttention,
     DilatedAttentionConfig,
     DilatedTransformerDecoderLayer,
@@ -12,6 +14,7 @@ from dilated_ops import (
     MultiheadConfig,
     MultiheadDilatedAttention,
     RingDilatedAttention,
+    SparsePatternConfig,
     RingMultiheadDilatedAttention,
     __version__,
     clear_memory_pool,
@@ -27,6 +30,9 @@ __all__ = [
     "ImprovedMultiheadDilatedAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttention",
+    "SparsePatternConfig",
     "DilatedTransformerEncoderLayer",
     "DilatedTransformerDecoderLayer",
     "LongNet",

@@ -6,9 +6,11 @@ only those below it: the API (``functional``, ``config``, ``factory``, ``modules
 table and the attention block (``variants``, ``attention_block``); the ops (``registrations``);
 the math (``kernels``).
 """
-from .functional import dilated_attention
-from .config import DilatedAttentionConfig, MultiheadConfig
+from .functional import block_sparse_attention, dilated_attention
+from .config import DilatedAttentionConfig, MultiheadConfig, SparsePatternConfig
 from .modules import (
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
     DilatedAttention,
     ImprovedDilatedAttention,
     ImprovedMultiheadDilatedAttention,
@@ -26,14 +28,18 @@ from .symbolic import rewrite_symbolic
 __version__ = "0.1.0"
 __all__ = [
     "dilated_attention",
+    "block_sparse_attention",
     "DilatedAttentionConfig",
     "MultiheadConfig",
+    "SparsePatternConfig",
     "DilatedAttention",
     "ImprovedDilatedAttention",
     "RingDilatedAttention",
     "MultiheadDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
     "RingMultiheadDilatedAttention",
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttention",
     "create_dilated_attention",
     "create_multihead_dilated_attention",
     "DilatedTransformerEncoderLayer",

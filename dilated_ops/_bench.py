@@ -33,6 +33,15 @@ def useful_flops(n, h, d, segs, rates, mode, is_causal) -> float:
     return fwd / (2 if is_causal else 1)
 
 
+def block_sparse_flops(layout, h, d, block_size, is_causal) -> float:
+    """Forward FLOPs of block-sparse attention over ``layout`` ``(heads or 1, nb, nb)``: 4 * d
+    per query-key pair of the active blocks (a causal diagonal block counts half)."""
+    active = float(layout.expand(h, -1, -1).sum())
+    if is_causal:
+        active -= 0.5 * float(layout.expand(h, -1, -1).diagonal(dim1=-2, dim2=-1).sum())
+    return 4 * d * block_size * block_size * active
+
+
 def dense_flops(n, h, d, is_causal) -> float:
     """Forward FLOPs of dense attention over the whole sequence."""
     return 4 * h * n * n * d / (2 if is_causal else 1)

@@ -136,3 +136,35 @@ def check_dilated_args(
         raise ValueError(f"backend must be 'auto' or 'sdpa': got {backend!r}")
     if mode == "groups":
         check_num_groups(q.shape[2], len(segment_lengths))
+
+
+PATTERNS = ("local_window", "global_local", "dilated_sparse", "mask")
+
+
+def check_sparse_pattern(pattern_type, sparsity_ratio, block_size, local_window_size, global_tokens) -> None:
+    """The fields of a block-sparse pattern (SPEC section 4, v0.2.0's ``SparsePatternConfig``)."""
+    if pattern_type not in PATTERNS:
+        raise ValueError(f"pattern_type must be one of {', '.join(map(repr, PATTERNS))}: got {pattern_type!r}")
+    if isinstance(sparsity_ratio, bool) or not isinstance(sparsity_ratio, (int, float)):
+        raise TypeError(f"sparsity_ratio must be a float in (0, 1]: got {sparsity_ratio!r}")
+    if not 0.0 < sparsity_ratio <= 1.0:
+        raise ValueError(f"sparsity_ratio must be in (0, 1]: got {sparsity_ratio!r}")
+    check_positive_int("block_size", block_size)
+    if local_window_size is not None:
+        check_positive_int("local_window_size", local_window_size)
+    if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
+        raise ValueError(f"global_tokens must be an int >= 0: got {global_tokens!r}")
+
+
+def check_block_mask(block_mask, q: torch.Tensor, block_size: int) -> None:
+    """A user's block layout: bool ``(heads or 1, nb, nb)``, ``nb = ceil(seq / block_size)``."""
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"block_mask must be a bool torch.Tensor (heads or 1, nb, nb): got {type(block_mask).__name__}")
+    nb = -(-q.shape[1] // block_size)
+    h = q.shape[2]
+    if block_mask.dtype != torch.bool or block_mask.dim() != 3 or block_mask.shape[0] not in (1, h) or \
+            tuple(block_mask.shape[1:]) != (nb, nb):
+        raise ValueError(
+            f"block_mask must be a bool tensor of shape ({h} or 1, {nb}, {nb}) for seq {q.shape[1]} and "
+            f"block_size {block_size}: got {block_mask.dtype} of shape {_shape(block_mask)}"
+        )

@@ -6,7 +6,7 @@ between modules; every field is checked at construction with the messages of ``_
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Tuple
+from typing import Optional, Tuple
 
 from . import _checks
 
@@ -112,6 +112,52 @@ class MultiheadConfig:
     def head_dim(self) -> int:
         """``embed_dim // num_heads``."""
         return self.embed_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class SparsePatternConfig:
+    """A block-sparse pattern (SPEC section 4), with v0.2.0's field names and meanings. The
+    sequence is cut into blocks of ``block_size`` tokens (the last may be partial); query block
+    ``i`` reads key block ``j`` where the pattern says so, with one softmax over all the keys it
+    reads. ``local_window``, 16 tokens in blocks of 4 (``local_window_size=8``: one block each
+    side; ``x`` = block read)::
+
+        x x . .
+        x x x .
+        . x x x
+        . . x x
+
+    Args:
+        pattern_type: ``"local_window"`` (a band: ``|i - j| <= (local_window_size //
+            block_size) // 2``), ``"global_local"`` (that band plus the first ``global_tokens
+            // block_size`` blocks, which read every block and are read by every block),
+            ``"dilated_sparse"`` (the dilated pattern of the module's ``segment_lengths`` /
+            ``dilation_rates`` at block granularity: for each branch ``(w, r)``, blocks of one
+            segment of ``w // block_size`` blocks whose position in the segment is ``h % r``
+            for head ``h``; the union over branches) or ``"mask"`` (a boolean block mask the
+            caller passes, per head or shared). Causal calls also drop key blocks after the
+            query block, and mask keys after the query inside it.
+        sparsity_ratio: the fraction of blocks a query row reads, in (0, 1], where the pattern
+            leaves it free: ``local_window``/``global_local`` with ``local_window_size=None``
+            take the widest band of at most ``sparsity_ratio * num_blocks`` blocks per row.
+            Patterns whose fields fix the layout do not read it.
+        block_size: tokens per block (positive int).
+        local_window_size: tokens covered by the band, or None (see ``sparsity_ratio``).
+        global_tokens: tokens of the global blocks of ``global_local`` (int >= 0).
+
+    Raises:
+        ValueError / TypeError naming the field.
+    """
+
+    pattern_type: str = "dilated_sparse"
+    sparsity_ratio: float = 0.1
+    block_size: int = 128
+    local_window_size: Optional[int] = 512
+    global_tokens: int = 64
+
+    def __post_init__(self):
+        _checks.check_sparse_pattern(self.pattern_type, self.sparsity_ratio, self.block_size,
+                                     self.local_window_size, self.global_tokens)
 
 
 def field_names(cls) -> Tuple[str, ...]:

@@ -58,6 +58,14 @@ def _build_config(cls, base, overrides: dict, base_name: str, caller: str):
     return cls(**overrides)
 
 
+def _variant_options(attention_type: str, kwargs: dict) -> dict:
+    """Takes out of ``kwargs`` the options of the variant named ``attention_type`` (its row's
+    ``options``, e.g. block_sparse's ``sparse_config``)."""
+    row = variants.VARIANTS.get(attention_type)
+    names = row.options if row is not None else ()
+    return {name: kwargs.pop(name) for name in names if name in kwargs}
+
+
 def _unknown(caller: str, names, known) -> TypeError:
     return TypeError(
         f"{caller}() got unknown keyword argument(s) {', '.join(map(repr, sorted(names)))}; "
@@ -126,12 +134,13 @@ def create_dilated_attention(
             f"{caller}() got multi-head option(s) {', '.join(map(repr, multihead))}; "
             "use create_multihead_dilated_attention for those"
         )
+    options = _variant_options(attention_type, kwargs)
     unknown = set(kwargs) - set(_ATTENTION_FIELDS)
     if unknown:
         raise _unknown(caller, unknown, _ATTENTION_FIELDS + ("attention_config", "max_seq_len"))
     config = _build_config(DilatedAttentionConfig, attention_config, kwargs, "attention_config", caller)
     variant, reason = _resolve(attention_type, max_seq_len, None)
-    return _mark(getattr(modules, variant.module)(**dataclasses.asdict(config)), reason)
+    return _mark(getattr(modules, variant.module)(**dataclasses.asdict(config), **options), reason)
 
 
 def create_multihead_dilated_attention(
@@ -188,6 +197,7 @@ def create_multihead_dilated_attention(
         NotImplementedError: as :func:`create_dilated_attention`.
     """
     caller = "create_multihead_dilated_attention"
+    options = _variant_options(attention_type, kwargs)
     unknown = set(kwargs) - set(_ATTENTION_FIELDS) - set(_MULTIHEAD_FIELDS)
     if unknown:
         raise _unknown(
@@ -206,6 +216,6 @@ def create_multihead_dilated_attention(
     check_heads_cover_groups(mh, att)
     variant, reason = _resolve(attention_type, max_seq_len, device)
     module = getattr(modules, variant.multihead_module)(
-        **dataclasses.asdict(mh), **dataclasses.asdict(att), device=device, dtype=dtype
+        **dataclasses.asdict(mh), **dataclasses.asdict(att), device=device, dtype=dtype, **options
     )
     return _mark(module, reason)

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .config import SparsePatternConfig
+from .registrations import block_sparse_attention as _block_sparse
 from .registrations import dilated_attention as _op
 from .registrations import eager
 
@@ -70,4 +72,56 @@ def dilated_attention(
         )
     out, _ = _op.call(q, k, v, list(segment_lengths), list(dilation_rates), mode, is_causal, scale, dropout_p,
                       seed, backend)
+    return out
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Optional[SparsePatternConfig] = None,
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    segment_lengths: Sequence[int] = (),
+    dilation_rates: Sequence[int] = (),
+    block_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Block-sparse attention (SPEC section 4): the sequence cut into blocks of
+    ``pattern.block_size`` tokens, query block ``i`` reading the key blocks its layout marks,
+    one exact softmax over all of them (never per block). ``local_window`` over 4 blocks
+    (``x`` = key block read)::
+
+        x x . .
+        x x x .
+        . x x x
+        . . x x
+
+    Args:
+        q, k, v: ``(batch, seq, heads, head_dim)``, one dtype and device; the last block may be
+            partial.
+        pattern: a :class:`~dilated_ops.SparsePatternConfig` (default: its defaults,
+            ``dilated_sparse``); ``pattern_type="mask"`` reads ``block_mask``.
+        is_causal: drop key blocks after the query block and keys after the query inside it.
+        scale: softmax scale; ``None`` is ``1 / sqrt(head_dim)``.
+        segment_lengths, dilation_rates: the branches of ``dilated_sparse`` (tokens; each
+            ``w // block_size`` blocks long).
+        block_mask: bool ``(heads or 1, nb, nb)``, ``nb = ceil(seq / block_size)``, for
+            ``pattern_type="mask"``.
+
+    Returns:
+        ``(batch, seq, heads, head_dim)`` in q's dtype; 0 for a query that sees no key.
+    """
+    pattern = SparsePatternConfig() if pattern is None else pattern
+    if not isinstance(pattern, SparsePatternConfig):
+        raise TypeError(f"pattern must be a SparsePatternConfig or None: got {type(pattern).__name__}")
+    args = (q, k, v, pattern.pattern_type, pattern.block_size, pattern.local_window_size, pattern.global_tokens,
+            float(pattern.sparsity_ratio), list(segment_lengths), list(dilation_rates))
+    _block_sparse.check_arguments(*args, scale, block_mask)
+    if eager.has_tangent(q, k, v):
+        raise NotImplementedError(
+            "block_sparse_attention does not support forward-mode AD (torch.autograd.forward_ad): "
+            "q, k or v carries a tangent; use reverse mode (backward / torch.autograd.grad)"
+        )
+    out, _ = _block_sparse.call(*args, is_causal, scale, block_mask)
     return out

@@ -4,10 +4,10 @@
 There is no memory pool: tensors come from PyTorch's caching allocator (see
 ``torch.cuda.memory_stats`` for that). The library's own caches are listed in :data:`CACHES`;
 today those are the launch plans of ``kernels.segments.plan`` (Python data: which heads use
-which segment, rate and offset; no tensors, since the index math is strided views) and, where
-Triton is installed, the recorded launches of the Triton forward per input layout (integers and
-references to compiled kernels). A cache of tensors added later reports its tensors and bytes
-through the same table.
+which segment, rate and offset; no tensors, since the index math is strided views), the
+block-sparse layouts of named patterns with their gather plans (tensors, counted in bytes) and,
+where Triton is installed, the recorded launches of the Triton forward per input layout
+(integers and references to compiled kernels).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Callable, Dict, NamedTuple
 
-from .kernels import segments
+from .kernels import block_sparse, segments
 
 
 class Cache(NamedTuple):
@@ -52,6 +52,13 @@ CACHES: Dict[str, Cache] = {
         tensor_bytes=lambda: 0,  # Python tuples of BranchCall, no tensors
         clear=segments.plan.cache_clear,
         holds="attention launch plans per (heads, segment_lengths, dilation_rates, mode): Python data",
+    ),
+    "kernels.block_sparse.layouts": Cache(
+        entries=block_sparse.cache_entries,
+        tensor_bytes=block_sparse.cache_bytes,
+        clear=block_sparse.cache_clear,
+        holds="block-sparse layouts of named patterns per (pattern, length, heads, device), with their "
+              "gather plans: bool and int64 tensors on the inputs' device",
     ),
     "kernels.triton_replay.launches": Cache(
         entries=_recorded_launches,

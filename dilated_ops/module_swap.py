@@ -16,8 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import modules
 from .attention_block import attention_block, packed_in_projection
-from .functional import dilated_attention
 from .fx_passes import Decider, RewriteConfig, RewriteReport, rewrite_graph
 from .fx_passes.refusals import mha_call_problem, mha_module_problem
 
@@ -47,9 +47,12 @@ class ConvertedMultiheadAttention(nn.Module):
         self.batch_first, self.dropout = mha.batch_first, mha.dropout
         self.packed = mha._qkv_same_embed_dim
         self._qkv_same_embed_dim = False  # keeps the fused fast paths away (see the class doc)
-        self.segment_lengths, self.dilation_rates = list(config.segment_lengths), list(config.dilation_rates)
-        self.mode, self.implementation, self.name = config.mode, config.variant.name, name
-        self.op_kwargs = config.variant.op_kwargs
+        self.implementation, self.name = config.variant.name, name
+        # The variant's single-head module (parameter-free: no state_dict keys) runs the op.
+        self.attention = getattr(modules, config.variant.module)(
+            config.segment_lengths, config.dilation_rates, dropout=mha.dropout, mode=config.mode, **config.options)
+        self.attention.train(mha.training)
+        self.attention.selection_reason = f"by dilated_ops.convert at {name or '<top>'}"
         # Same registration order and names as nn.MultiheadAttention.
         for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
             self.register_parameter(p, getattr(mha, p))
@@ -79,26 +82,18 @@ class ConvertedMultiheadAttention(nn.Module):
             else:
                 query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         separate = None if self.packed else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-        dropout_p = self.dropout if self.training else 0.0
-
-        def attend(q, k, v):
-            return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, mode=self.mode,
-                                     is_causal=is_causal, dropout_p=dropout_p, **self.op_kwargs)
-
         out = attention_block(
             query, key, value,
             lambda q, k, v: packed_in_projection(q, k, v, self.in_proj_weight, self.in_proj_bias, separate),
-            attend, self.out_proj, self.num_heads, self.head_dim, seq_first=unbatched or not self.batch_first)
+            lambda q, k, v: self.attention(q, k, v, is_causal=is_causal), self.out_proj, self.num_heads, self.head_dim, seq_first=unbatched or not self.batch_first)
         return (out.squeeze(1) if unbatched else out), None
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
-                f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
-                f"mode={self.mode!r}, implementation={self.implementation!r}")
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
 def mha_problem(mha: nn.MultiheadAttention, config: RewriteConfig) -> Optional[str]:
-    return mha_module_problem(config, mha.num_heads, mha.bias_k, mha.bias_v, mha.add_zero_attn)
+    return mha_module_problem(config, mha.num_heads, mha.bias_k, mha.bias_v, mha.add_zero_attn, mha.dropout)
 
 
 def convert(model: nn.Module, *config, **options) -> Tuple[nn.Module, RewriteReport]:

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from . import _env, variants
 from .attention_block import attention_block
-from .config import DilatedAttentionConfig, MultiheadConfig, check_heads_cover_groups
-from .functional import dilated_attention
+from .config import DilatedAttentionConfig, MultiheadConfig, SparsePatternConfig, check_heads_cover_groups
+from .functional import block_sparse_attention, dilated_attention
 
 _DIRECT = "constructed directly"
 
@@ -116,6 +116,9 @@ class DilatedAttention(nn.Module):
                 "attention_mask is not supported by dilated attention: got a tensor of shape "
                 f"{tuple(attention_mask.shape)}; use is_causal=True for causal masking"
             )
+        return self._attend(query, key, value, is_causal)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
         return dilated_attention(
             query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
             is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, **self.op_kwargs,
@@ -267,12 +270,15 @@ class MultiheadDilatedAttention(nn.Module):
         batch_first: bool = True,
         use_tf32: bool = True,
         mode: str = "groups",
+        **attention_options,
     ):
         super().__init__()
         self.multihead_config = MultiheadConfig(
             embed_dim, num_heads, bias, layer_norm, layer_norm_eps, gamma_init, batch_first
         )
-        self.attention = self.attention_class(segment_lengths, dilation_rates, dropout, use_tf32, mode)
+        # attention_options: the variant's own options (variants.Variant.options), for its class.
+        self.attention = self.attention_class(
+            segment_lengths, dilation_rates, dropout=dropout, use_tf32=use_tf32, mode=mode, **attention_options)
         check_heads_cover_groups(self.multihead_config, self.attention.config)
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
@@ -388,3 +394,73 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
 
     implementation = "ring"
     attention_class = RingDilatedAttention
+
+
+class BlockSparseRingDilatedAttention(DilatedAttention):
+    """Block-sparse attention (SPEC section 4; the "block_sparse" row of
+    :mod:`dilated_ops.variants`) of q, k, v ``(batch, seq, heads, head_dim)``, v0.2.0's name and
+    arguments: the layout is ``sparse_config``'s pattern (see
+    :class:`~dilated_ops.SparsePatternConfig` and :func:`dilated_ops.block_sparse_attention`;
+    ``dilated_sparse`` reads ``segment_lengths``/``dilation_rates``), one exact softmax over each
+    query's active key blocks.
+
+    Args:
+        segment_lengths, dilation_rates: the branches ``(w_i, r_i)`` (checked as for dilated
+            attention; read by the ``dilated_sparse`` pattern).
+        sparse_config: a :class:`~dilated_ops.SparsePatternConfig` (None: its defaults). Its
+            ``pattern_type`` may not be ``"mask"`` here (a module has no mask to pass; call
+            :func:`dilated_ops.block_sparse_attention` with ``block_mask=``).
+        dropout: must be 0.0 (the block-sparse op has no attention dropout).
+        use_tf32, mode: kept for the common signature; ``mode`` changes nothing here.
+
+    ``forward(query, key, value, is_causal=False)`` returns ``(batch, seq, heads, head_dim)``.
+
+    Raises:
+        ValueError / TypeError: ``dropout`` > 0, a ``sparse_config`` of another type or with
+        ``pattern_type="mask"``, bad segments.
+    """
+
+    implementation = "block_sparse"
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                 sparse_config: Optional[SparsePatternConfig] = None, dropout: float = 0.0, use_tf32: bool = True,
+                 mode: str = "groups"):
+        super().__init__(segment_lengths, dilation_rates, dropout, use_tf32, mode)
+        if dropout:
+            raise ValueError(f"dropout must be 0.0 for block_sparse (its op has no attention dropout): got {dropout!r}")
+        sparse_config = SparsePatternConfig() if sparse_config is None else sparse_config
+        if not isinstance(sparse_config, SparsePatternConfig):
+            raise TypeError(f"sparse_config must be a SparsePatternConfig or None: got {type(sparse_config).__name__}")
+        if sparse_config.pattern_type == "mask":
+            raise ValueError("sparse_config.pattern_type must name a pattern for a module: got 'mask' (pass "
+                             "block_mask= to dilated_ops.block_sparse_attention instead)")
+        self.sparse_config = sparse_config
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+        return block_sparse_attention(query, key, value, self.sparse_config, is_causal=is_causal,
+                                      segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"implementation={self.implementation!r} ({self.selection_reason}), {self.sparse_config}, "
+                f"segment_lengths={list(c.segment_lengths)}, dilation_rates={list(c.dilation_rates)}")
+
+
+class BlockSparseRingMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """:class:`MultiheadDilatedAttention` over :class:`BlockSparseRingDilatedAttention`, with
+    v0.2.0's argument order for this class (``segment_lengths`` before ``dilation_rates``, then
+    ``dropout, bias, sparse_config, batch_first``). ``forward`` as
+    :meth:`MultiheadDilatedAttention.forward`: ``(batch, seq, embed_dim)`` in, ``(output,
+    None)`` out."""
+
+    implementation = "block_sparse"
+    attention_class = BlockSparseRingDilatedAttention
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                 dropout: float = 0.0, bias: bool = True, sparse_config: Optional[SparsePatternConfig] = None,
+                 batch_first: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
+                 gamma_init: float = 1.0, device=None, dtype: Optional[torch.dtype] = None, *,
+                 use_tf32: bool = True, mode: str = "groups"):
+        super().__init__(embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm,
+                         layer_norm_eps, gamma_init, device, dtype, batch_first=batch_first, use_tf32=use_tf32,
+                         mode=mode, sparse_config=sparse_config)

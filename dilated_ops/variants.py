@@ -12,12 +12,13 @@ classes as strings, which :mod:`dilated_ops.factory` looks up in :mod:`dilated_o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import _checks, _env
 from . import registrations  # noqa: F401 (registers torch.ops.dilated)
+from .config import SparsePatternConfig
 
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -28,18 +29,50 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 RING_MIN_SEQ_LEN = 1_000_000
 
 
+class Call(NamedTuple):
+    """One attention call as the graph rewrites describe it to a variant (the tensors are FX
+    nodes there); ``options`` holds the variant's own options (``Variant.options``)."""
+
+    q: Any
+    k: Any
+    v: Any
+    segment_lengths: Tuple[int, ...]
+    dilation_rates: Tuple[int, ...]
+    mode: str
+    is_causal: bool
+    scale: Optional[float]
+    dropout_p: float
+    dropout_seed: Any
+    options: Dict[str, Any]
+
+
+def _dilated_args(call: Call) -> tuple:
+    return (call.q, call.k, call.v, list(call.segment_lengths), list(call.dilation_rates), call.mode,
+            bool(call.is_causal), call.scale, float(call.dropout_p), call.dropout_seed)
+
+
+def _block_sparse_args(call: Call) -> tuple:
+    p = call.options.get("sparse_config") or SparsePatternConfig()
+    return (call.q, call.k, call.v, p.pattern_type, p.block_size, p.local_window_size, p.global_tokens,
+            float(p.sparsity_ratio), list(call.segment_lengths), list(call.dilation_rates), bool(call.is_causal),
+            call.scale)
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One row. ``op`` is the ``torch.ops.dilated`` packet the modules and the rewritten graphs
-    call, with the common arguments ``(q, k, v, segment_lengths, dilation_rates, mode,
-    is_causal, scale, dropout_p, dropout_seed)`` and the keyword arguments ``op_args``. A row
-    with ``missing`` set is not built: asking for it raises NotImplementedError with that text,
-    never a silent fallback."""
+    """One row. ``op`` is the ``torch.ops.dilated`` packet the modules' functions and the
+    rewritten graphs call: positional arguments ``args(call)``, keyword arguments ``op_args``
+    (those the row fixes). ``options``: keyword options the factory, the modules and the
+    rewrites take for this row besides the common configuration. A row with ``missing`` set is
+    not built: asking for it raises NotImplementedError with that text, never a silent
+    fallback."""
 
     name: str
     summary: str
     op: Optional[object] = None
+    args: Optional[Callable[[Call], tuple]] = None
     op_args: Tuple[Tuple[str, object], ...] = ()
+    options: Tuple[str, ...] = ()
     devices: Tuple[Tuple[str, Tuple[torch.dtype, ...]], ...] = ()  # (device type, dtypes)
     head_dims: str = "any"
     causal: bool = False
@@ -64,11 +97,15 @@ class Variant:
         """The dtypes this variant runs on ``device_type`` ("cpu", "cuda"); () if none."""
         return dict(self.devices).get(device_type, ())
 
+    def bind(self, call: Call) -> Tuple[tuple, Dict[str, object]]:
+        """``(args, kwargs)`` of ``self.op`` for ``call``."""
+        return self.args(call), self.op_kwargs
+
 
 def _on_dilated_op(name: str, summary: str, backend: str, module: str, notes: str = "") -> Variant:
     """A row over ``torch.ops.dilated.dilated_attention`` with the op's ``backend`` argument."""
     return Variant(
-        name, summary, op=torch.ops.dilated.dilated_attention, op_args=(("backend", backend),),
+        name, summary, op=torch.ops.dilated.dilated_attention, args=_dilated_args, op_args=(("backend", backend),),
         devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
         module=f"{module}DilatedAttention", multihead_module=f"{module}MultiheadDilatedAttention", notes=notes,
     )
@@ -89,8 +126,12 @@ VARIANTS: Dict[str, Variant] = {
             "is not built yet",
         ),
         Variant(
-            "block_sparse", "block-sparse attention",
-            missing="block_sparse: block-sparse attention (SPEC section 4) is not built yet",
+            "block_sparse", "attention over the active blocks of a block layout (SPEC section 4)",
+            op=torch.ops.dilated.block_sparse_attention, args=_block_sparse_args, options=("sparse_config",),
+            devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True,
+            module="BlockSparseRingDilatedAttention", multihead_module="BlockSparseRingMultiheadDilatedAttention",
+            notes="patterns of `SparsePatternConfig` (local_window, global_local, dilated_sparse, a block mask); "
+                  "active blocks gathered per query block",
         ),
     )
 }

@@ -1,9 +1,15 @@
-"""Small models shared by the graph-rewriting tests (not a test module)."""
+"""Small models and helpers shared by the tests (not a test module)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 D64 = torch.float64
+
+
+def rel_err(a, b, floor=1e-6):
+    """||a - b|| / max(||b||, floor); the floor stands in for results that are exactly zero in
+    exact arithmetic (dq when every query sees a single key, say)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(floor)).item()
 
 
 def assert_same_outputs_and_grads(model, rewritten, inputs, tol=1e-10, params=None, label=""):

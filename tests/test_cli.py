@@ -120,7 +120,9 @@ def test_tiny_bench_writes_csv_and_png(tmp_path):
     assert all(r["note"].startswith("not built") and not r["median_ms"] for r in rows if r["impl"] in not_built)
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and rows[0]["torch"] == torch.__version__
     assert "| seq_len | impl" in proc.stdout
-    assert re.search(r"\|     all \| dilated-block_sparse +\| not built", proc.stdout), proc.stdout
+    assert re.search(r"\|     all \| dilated-distributed +\| not built", proc.stdout), proc.stdout
+    # Block-sparse rows: one per length, labelled with the pattern (--pattern, --density).
+    assert {r["mode"] for r in timed if r["impl"] == "dilated-block_sparse"} == {"local_window, 0.1"}
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # plot redraws the PNG from the CSV alone.
     out_png = tmp_path / "again.png"

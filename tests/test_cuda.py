@@ -288,3 +288,28 @@ def test_replay_keys_on_alignment_and_config():
     assert info["entries"] == 4 and info["tensor_bytes"] == 0
     dilated_ops.clear_memory_pool()
     assert triton_replay.num_recorded() == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("pattern,is_causal", [("local_window", False), ("global_local", True),
+                                               ("dilated_sparse", True)])
+def test_block_sparse_on_cuda_matches_reference(pattern, is_causal, dtype, tol):
+    from dilated_ops.kernels import block_sparse
+    from dilated_ops.kernels.reference import block_sparse_reference
+
+    b, n, h, d, bs = 2, 300, 5, 64, 32
+    cfg = dilated_ops.SparsePatternConfig(pattern, block_size=bs, local_window_size=96, global_tokens=32)
+    qkv = torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.float64)
+    q64, k64, v64 = (t.requires_grad_() for t in qkv.clone().unbind(2))
+    fused = qkv.to(dtype).requires_grad_()
+    q, k, v = fused.unbind(2)
+    g = torch.randn(b, n, h, d, device="cuda", dtype=torch.float64)
+    out = dilated_ops.block_sparse_attention(q, k, v, cfg, is_causal=is_causal, segment_lengths=[64, 128],
+                                             dilation_rates=[1, 2])
+    out.backward(g.to(dtype))
+    layout = block_sparse.pattern_layout(pattern, n, h, bs, 96, 32, 0.1, (64, 128), (1, 2), is_causal, q.device)
+    ref = block_sparse_reference(q64, k64, v64, layout, bs, is_causal)
+    ref.backward(g)
+    assert out.dtype == dtype and rel(out, ref) < tol
+    for i, want in enumerate((q64.grad, k64.grad, v64.grad)):
+        assert rel(fused.grad[:, :, i], want) < tol, ("dq", "dk", "dv")[i]

@@ -50,7 +50,6 @@ def test_built_names_give_their_classes_and_kernels(machine, name, dilated_cls, 
 
 @pytest.mark.parametrize("name, capability", [
     ("distributed", "distributed: sequence-parallel dilated attention across processes (SPEC section 5) is not built yet"),
-    ("block_sparse", "block_sparse: block-sparse attention (SPEC section 4) is not built yet"),
 ])
 def test_unbuilt_names_raise_naming_the_capability(machine, name, capability):
     for create, kw in ((create_dilated_attention, SEGS), (create_multihead_dilated_attention, {**MH, **SEGS})):
@@ -191,7 +190,7 @@ def test_factory_errors(machine, create, kwargs, exc, message):
 def test_validation_comes_before_the_unbuilt_error(machine):
     """A bad configuration is reported as such even when the name is not built."""
     with pytest.raises(ValueError, match="same length"):
-        create_dilated_attention("block_sparse", segment_lengths=[8, 16], dilation_rates=[1])
+        create_dilated_attention("distributed", segment_lengths=[8, 16], dilation_rates=[1])
 
 
 def test_longnet_mode_allows_fewer_heads_than_branches(machine):

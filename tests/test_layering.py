@@ -1,6 +1,7 @@
-"""Imports flow one way, down this list: the API (functional, config, factory, modules, long_net,
-memory, module_swap, symbolic, cli) -> the graph passes (fx_passes) -> the variant table and the
-attention block (variants, attention_block) -> the ops (registrations) -> the math (kernels). The
+"""Imports flow one way, down this list: the API (functional, factory, modules, long_net, memory,
+module_swap, symbolic, cli) -> the graph passes (fx_passes) -> the variant table, the configs and
+the attention block (variants, config, attention_block) -> the ops (registrations) -> the math
+(kernels). The
 float64 reference is imported by tests only; the alias package imports dilated_ops only; no
 module imports a private name (``_x``) of a package it is not inside."""
 import ast
@@ -11,7 +12,7 @@ PACKAGE = ROOT / "dilated_ops"
 # Layer of each module or subpackage of dilated_ops (the rest is the API, layer 1); a module may
 # import its own layer and higher numbers. _checks and _env (argument messages, machine state)
 # serve every layer.
-LAYERS = {"kernels": 5, "registrations": 4, "variants": 3, "attention_block": 3, "fx_passes": 2}
+LAYERS = {"kernels": 5, "registrations": 4, "variants": 3, "attention_block": 3, "config": 3, "fx_passes": 2}
 API = 1
 SHARED = {"_checks", "_env"}
 

@@ -9,6 +9,7 @@ import dilated_ops
 from dilated_ops import modules, variants
 from dilated_ops.cli import build_parser
 from dilated_ops.fx_passes import RewriteConfig
+from dilated_ops.variants import Call
 
 BUILT = [v for v in variants.VARIANTS.values() if v.built]
 NOT_BUILT = [v for v in variants.VARIANTS.values() if not v.built]
@@ -23,8 +24,10 @@ def test_every_factory_name_has_a_row():
 def test_built_rows_name_modules_that_pass_the_rows_op_arguments(variant):
     single, multi = getattr(modules, variant.module), getattr(modules, variant.multihead_module)
     assert single.implementation == multi.implementation == variant.name
-    m = multi(16, 2, [1, 2], [4, 8])
-    assert m.attention.op_kwargs == variant.op_kwargs
+    m = multi(embed_dim=16, num_heads=2, dilation_rates=[1, 2], segment_lengths=[4, 8])
+    assert m.attention.op_kwargs == variant.op_kwargs and type(m.attention) is single
+    x = torch.randn(2, 12, 16)
+    assert m(x, x, x)[0].shape == x.shape
     assert isinstance(variant.op, torch._ops.OpOverloadPacket) and variant.dtypes("cpu")
     assert variants.get(variant.name) is variant
 
@@ -89,3 +92,79 @@ def test_rewrite_config_checks_and_overrides():
         RewriteConfig([4], [1], select="layers.0")
     with pytest.raises(ValueError, match="dilation_rates"):
         RewriteConfig([4, 8], [1])
+
+
+def _opcheck_matrix():
+    """(variant, device, dtype) for every built row of the table, on each device it runs on and
+    each dtype it supports there (CUDA ones skip without a GPU)."""
+    for v in BUILT:
+        for device, dtypes in v.devices:
+            skip = pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+            for dtype in dtypes:
+                yield pytest.param(v, device, dtype, id=f"{v.name}-{device}-{str(dtype)[6:]}", marks=skip)
+
+
+# Options for the rows that take them: a pattern small enough to have several blocks here.
+OPTIONS = {"sparse_config": dilated_ops.SparsePatternConfig("dilated_sparse", block_size=4)}
+
+
+@pytest.mark.parametrize(
+    "shape,segs,rates,mode,causal",
+    [
+        ((2, 16, 3, 8), [4, 8], [1, 2], "groups", False),
+        ((1, 21, 5, 8), [4, 8, 16], [1, 2, 4], "longnet", True),
+        ((3, 7, 2, 16), [16], [2], "groups", True),
+        ((1, 70, 4, 64), [16, 32], [1, 2], "groups", False),  # head_dim 64: CUDA's Triton forward
+    ],
+)
+@pytest.mark.parametrize("variant,device,dtype", list(_opcheck_matrix()))
+def test_opcheck_matrix(variant, device, dtype, shape, segs, rates, mode, causal):
+    """Each row's op, called as the graph rewrites call it (``Variant.bind``)."""
+    q, k, v = (torch.randn(*shape, dtype=dtype).to(device).requires_grad_() for _ in range(3))
+    options = {name: OPTIONS[name] for name in variant.options}
+    args, kwargs = variant.bind(Call(q, k, v, tuple(segs), tuple(rates), mode, causal, None, 0.0, None, options))
+    torch.library.opcheck(variant.op.default, args, kwargs)
+
+
+def test_block_sparse_row_through_every_rewrite_route(reset_dynamo):
+    """The row added last goes through backend, convert and rewrite_exported with its option
+    (``pattern``), equal to its function on the same projections; a call with dropout is
+    refused (the row has none)."""
+    import copy
+
+    from torch import nn
+
+    pat = dilated_ops.SparsePatternConfig("global_local", block_size=8, local_window_size=16, global_tokens=8)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64)
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    q, k, v = (t.unflatten(-1, (2, 8)) for t in torch.nn.functional.linear(x, w, b).chunk(3, -1))
+    want = mha.out_proj(dilated_ops.block_sparse_attention(q, k, v, pat).flatten(-2))
+
+    be = dilated_ops.backend([16, 32], [1, 2], implementation="block_sparse", pattern=pat, inner="aot_eager")
+    got = torch.compile(copy.deepcopy(mha), backend=be, fullgraph=True)(x, x, x, need_weights=False)[0]
+    assert len(be.report.rewritten) == 1
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    converted, report = dilated_ops.convert(copy.deepcopy(mha), [16, 32], [1, 2], implementation="block_sparse",
+                                            pattern=pat)
+    torch.testing.assert_close(converted(x, x, x, need_weights=False)[0], want, rtol=1e-10, atol=1e-10)
+
+    class Attend(nn.Module):
+        def forward(self, q):  # (batch, heads, seq, head_dim)
+            return nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    qh = torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    program, report = dilated_ops.rewrite_exported(torch.export.export(Attend(), (qh,)), [16, 32], [1, 2],
+                                                   implementation="block_sparse", pattern=pat)
+    (node,) = [n for n in program.graph.nodes if n.target == torch.ops.dilated.block_sparse_attention.default]
+    qt = qh.transpose(1, 2)
+    torch.testing.assert_close(program.module()(qh),
+                               dilated_ops.block_sparse_attention(qt, qt, qt, pat, is_causal=True).transpose(1, 2))
+
+    dropping = nn.MultiheadAttention(16, 2, dropout=0.1, batch_first=True, dtype=torch.float64)
+    _, report = dilated_ops.convert(dropping, [16, 32], [1, 2], implementation="block_sparse", pattern=pat)
+    assert [e.reason for e in report.refused] == ["dropout_p=0.1 is not supported by implementation 'block_sparse'"]
+    with pytest.raises(ValueError, match="pattern is read by implementation 'block_sparse' only"):
+        RewriteConfig([16], [1], pattern=pat)
+    with pytest.raises(ValueError, match="pattern_type must name a pattern in a rewrite"):
+        RewriteConfig([16], [1], implementation="block_sparse", pattern=dilated_ops.SparsePatternConfig("mask"))

@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma- or space-separated, among: " + ", ".join(_bench_impls())
                             + "; aliases block-sparse, op, op-sdpa (default: every variant but ring, "
                               "then pregathered, naive, dense)")
+    bench.add_argument("--pattern", choices=("local_window", "global_local", "dilated_sparse"),
+                       default="local_window", help="block-sparse rows: the SparsePatternConfig pattern")
+    bench.add_argument("--block-size", type=int, default=128, help="block-sparse rows: tokens per block")
+    bench.add_argument("--density", type=float, default=0.1,
+                       help="block-sparse rows: the sparsity_ratio (fraction of blocks a query row reads, where "
+                            "the pattern leaves it free)")
     bench.add_argument("--dense-max", type=int, default=65536,
                        help="largest seq_len timed with dense SDPA (0: no dense rows)")
     bench.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 20 CUDA, 5 CPU")

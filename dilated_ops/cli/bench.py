@@ -4,7 +4,8 @@ Times, side by side in one process, over a range of sequence lengths, forward an
 forward+backward:
 
 - ``dilated-NAME`` for each row NAME of the variant table (:data:`dilated_ops.variants.VARIANTS`),
-  called as ``dilated_ops.dilated_attention(..., **variant.op_kwargs)``; a row that is not built
+  run through the row's single-head module (block-sparse rows with ``--pattern``,
+  ``--block-size``, ``--density``: one row per length, labelled with the pattern); a row that is not built
   is listed with its reason and not timed, and a row whose call is the same as an earlier one's
   (same op, same op arguments: ``ring`` and ``improved`` in one process) is listed as such and
   timed once;
@@ -27,9 +28,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import _bench, _checks, variants
+from .. import _bench, _checks, modules, variants
 from .._progress import Progress
-from ..functional import dilated_attention
+from ..config import SparsePatternConfig
+from ..kernels import block_sparse
 
 COLUMNS = ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", "note", "mode", "compile",
            "fwd_p10_ms", "fwd_p50_ms", "fwd_p90_ms", "fwd_gpu_ms",
@@ -93,6 +95,7 @@ def validate(args) -> None:
     from .demo import resolve_device
     args.device = resolve_device(args.device)
     _checks.check_segments(args.segment_lengths, args.dilation_rates)
+    sparse_config(args)  # --pattern, --block-size, --density checked as SparsePatternConfig fields
     for mode in args.modes:
         _checks.check_mode(mode)
     for name in ("heads", "head_dim", "batch", "repeats", "warmup", "dense_max"):
@@ -133,7 +136,10 @@ def _jobs(args) -> List[Tuple[int, str, str, Optional[str]]]:
             if _variant(impl) is not None and not _variant(impl).built:
                 jobs.append((n, impl, "", None))  # listed once per seq_len, whatever the modes
                 continue
-            for mode in (args.modes if impl not in BASELINES else ["groups"]):
+            modes = args.modes if impl not in BASELINES else ["groups"]
+            if _variant(impl) is not None and "sparse_config" in _variant(impl).options:
+                modes = [_pattern_label(args)]  # one row: the pattern, not a combine mode
+            for mode in modes:
                 jobs.append((n, impl, mode, None))
                 if args.compile and _variant(impl) is not None and _variant(impl).built:
                     jobs.append((n, impl, mode, args.compile))
@@ -162,16 +168,36 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
     if impl == "pregathered":
         batches = _bench.pregather(q, k, v, segs, rates)
         return (lambda: _bench.pregathered(batches, causal)), [t for bt in batches for t in bt], flops
-    kwargs = _variant(impl).op_kwargs
+    variant = _variant(impl)
+    options = {}
+    if "sparse_config" in variant.options:
+        options["sparse_config"] = sparse_config(args)
+        layout = block_sparse.pattern_layout(
+            args.pattern, n, h, args.block_size, None, args.block_size, args.density, tuple(segs), tuple(rates),
+            causal, torch.device("cpu"))
+        flops = _bench.block_sparse_flops(layout, h, d, args.block_size, causal)
+    # The row's own single-head module (variants.Variant.module): what a user of the row runs.
+    module = getattr(modules, variant.module)(segs, rates, mode=mode if mode in MODES else "groups", **options)
 
     def call(q, k, v):
-        return dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=causal, **kwargs)
+        return module(q, k, v, is_causal=causal)
     if compile_mode:
         # A fresh Dynamo cache per row: every row compiles the same function, and after a few
         # recompiles Dynamo would silently fall back to eager for the rest of the table.
         torch._dynamo.reset()
         call = torch.compile(call, mode=compile_mode, fullgraph=True)
     return (lambda: [call(q, k, v)]), (q, k, v), flops
+
+
+def sparse_config(args) -> SparsePatternConfig:
+    """The block-sparse rows' pattern: ``--pattern`` with ``--block-size``, its band or extra
+    density set by ``--density`` (``local_window_size=None``), global blocks of one block."""
+    return SparsePatternConfig(args.pattern, sparsity_ratio=args.density, block_size=args.block_size,
+                               local_window_size=None, global_tokens=args.block_size)
+
+
+def _pattern_label(args) -> str:
+    return f"{args.pattern}, {args.density:g}"
 
 
 def _why_not_timed(n, impl, mode, args, dtype, timed_calls) -> Optional[str]:

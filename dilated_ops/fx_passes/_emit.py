@@ -11,22 +11,23 @@ import torch
 import torch.fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
+from ..variants import Call
 from .config import RewriteConfig
 
 
 def emit_op(graph: torch.fx.Graph, config: RewriteConfig, q, k, v, is_causal: bool, dropout_p: float,
             scale=None) -> torch.fx.Node:
+    """The configured variant's op on q, k, v nodes (``(batch, seq, heads, head_dim)``), its
+    arguments from the variant's row (:meth:`dilated_ops.variants.Variant.bind`); returns the
+    ``out`` node."""
     variant = config.variant
     seed = None
     if dropout_p > 0.0:
         # As dilated_ops.dilated_attention does: a CPU int64 seed from the default generator.
         seed = graph.call_function(torch.randint, (0, 2**62, ()), {"dtype": torch.int64})
-    pair = graph.call_function(
-        variant.op.default,
-        (q, k, v, list(config.segment_lengths), list(config.dilation_rates), config.mode,
-         bool(is_causal), scale, float(dropout_p), seed),
-        variant.op_kwargs,
-    )
+    args, kwargs = variant.bind(Call(q, k, v, config.segment_lengths, config.dilation_rates, config.mode,
+                                     bool(is_causal), scale, float(dropout_p), seed, config.options))
+    pair = graph.call_function(variant.op.default, args, kwargs)
     return graph.call_function(operator.getitem, (pair, 0))
 
 

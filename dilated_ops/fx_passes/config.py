@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 from .. import _checks, variants
+from ..config import SparsePatternConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class RewriteConfig:
             rewrites every call it can.
         strict: raise :class:`~dilated_ops.fx_passes.RewriteRefused` on a call left as it is,
             instead of listing it in the report.
+        pattern: the :class:`~dilated_ops.SparsePatternConfig` of ``implementation=
+            "block_sparse"`` (None: its defaults); a named pattern, not ``"mask"``.
 
     ValueError / TypeError name a bad field; NotImplementedError an implementation not built.
     """
@@ -36,6 +39,7 @@ class RewriteConfig:
     implementation: str = "auto"
     select: Optional[Callable[[str], bool]] = None
     strict: bool = False
+    pattern: Optional[SparsePatternConfig] = None
 
     def __post_init__(self):
         segment_lengths = _checks.check_int_list("segment_lengths", self.segment_lengths)
@@ -47,7 +51,21 @@ class RewriteConfig:
         _checks.check_bool("strict", self.strict)
         object.__setattr__(self, "segment_lengths", tuple(segment_lengths))
         object.__setattr__(self, "dilation_rates", tuple(dilation_rates))
-        self.variant  # noqa: B018 (an unknown or unbuilt implementation fails here, at construction)
+        variant = self.variant  # an unknown or unbuilt implementation fails here, at construction
+        if self.pattern is not None:
+            if "sparse_config" not in variant.options:
+                raise ValueError(f"pattern is read by implementation 'block_sparse' only: got implementation "
+                                 f"{self.implementation!r} and pattern {self.pattern!r}")
+            if not isinstance(self.pattern, SparsePatternConfig):
+                raise TypeError(f"pattern must be a SparsePatternConfig or None: got {type(self.pattern).__name__}")
+            if self.pattern.pattern_type == "mask":
+                raise ValueError("pattern.pattern_type must name a pattern in a rewrite: got 'mask' (a graph has "
+                                 "no block mask to pass)")
+
+    @property
+    def options(self) -> dict:
+        """The variant's own options (``Variant.options``) this config sets."""
+        return {"sparse_config": self.pattern} if self.pattern is not None else {}
 
     @property
     def variant(self) -> variants.Variant:

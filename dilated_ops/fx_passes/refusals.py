@@ -23,6 +23,13 @@ def example_shape(arg) -> Optional[tuple]:
     return None
 
 
+def dropout_problem(config: RewriteConfig, dropout_p) -> Optional[str]:
+    """Attention dropout where the variant's row says it has none."""
+    if not config.variant.dropout and dropout_p:
+        return f"dropout_p={dropout_p} is not supported by implementation {config.variant.name!r}"
+    return None
+
+
 def heads_problem(config: RewriteConfig, num_heads: int) -> Optional[str]:
     """Why the op would reject ``num_heads`` heads for this config."""
     if config.mode == "groups" and num_heads < config.num_groups:
@@ -32,14 +39,15 @@ def heads_problem(config: RewriteConfig, num_heads: int) -> Optional[str]:
 
 # nn.MultiheadAttention --------------------------------------------------------------------
 
-def mha_module_problem(config: RewriteConfig, num_heads, bias_k, bias_v, add_zero_attn) -> Optional[str]:
+def mha_module_problem(config: RewriteConfig, num_heads, bias_k, bias_v, add_zero_attn, dropout) -> Optional[str]:
     """What an ``nn.MultiheadAttention`` (its attributes, or the same values passed to
-    ``F.multi_head_attention_forward``) asks for that dilated attention does not do."""
+    ``F.multi_head_attention_forward``; ``dropout`` as the call would apply it) asks for that
+    the configured variant does not do."""
     if bias_k is not None or bias_v is not None:
         return "add_bias_kv=True is not supported"
     if add_zero_attn:
         return "add_zero_attn=True is not supported"
-    return heads_problem(config, num_heads)
+    return dropout_problem(config, dropout) or heads_problem(config, num_heads)
 
 
 def mha_call_problem(need_weights, key_padding_mask, attn_mask, is_causal) -> Optional[str]:
@@ -72,7 +80,8 @@ def mha_functional_problem(config: RewriteConfig, a: dict, node: torch.fx.Node) 
         or (None if a["query"] is a["key"] is a["value"] else "cross-attention (key/value not the query) is not supported")
         or _three_d_problem(a["query"])
         or static_heads_problem(a["embed_dim_to_check"], a["num_heads"])
-        or mha_module_problem(config, a["num_heads"], a["bias_k"], a["bias_v"], a["add_zero_attn"])
+        or mha_module_problem(config, a["num_heads"], a["bias_k"], a["bias_v"], a["add_zero_attn"],
+                              a["dropout_p"] if a["training"] else 0.0)
         or weights_output_problem(node)
     )
 
@@ -116,6 +125,9 @@ def sdpa_problem(config: RewriteConfig, a: dict) -> Optional[str]:
         return "dropout_p / is_causal are not Python constants"
     if a["scale"] is not None and not isinstance(a["scale"], float):
         return f"scale {a['scale']!r} is not a Python float"
+    problem = dropout_problem(config, a["dropout_p"])
+    if problem:
+        return problem
     shapes = [example_shape(a[n]) for n in ("query", "key", "value")]
     if any(s is None for s in shapes):
         return "q/k/v shapes unknown (no shape metadata; for a symbolic_trace graph pass example_inputs)"

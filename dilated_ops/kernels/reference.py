@@ -86,3 +86,21 @@ def dilated_attention_reference(
     else:
         raise ValueError(f"mode must be 'groups' or 'longnet': got {mode!r}")
     return out.to(dtype)
+
+
+def block_sparse_reference(q, k, v, layout, block_size: int, is_causal: bool = False, scale=None):
+    """Block-sparse attention (SPEC section 4) as dense attention under the expanded element
+    mask, in float64: q, k, v ``(batch, seq, heads, head_dim)``, layout ``(heads or 1, nb, nb)``
+    bool. A query with no visible key gets 0."""
+    b, n, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # (b, h, n, d)
+    blk = torch.arange(n, device=q.device) // block_size
+    mask = layout.to(q.device).expand(h, -1, -1)[:, blk][:, :, blk]  # (h, n, n)
+    if is_causal:
+        mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    s = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
+    # A row with no visible key: every weight 0 (softmax of all -inf would be NaN).
+    m = s.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0).detach()
+    p = torch.exp(s - m)
+    return ((p @ v) / p.sum(-1, keepdim=True).clamp_min(1e-300)).transpose(1, 2)

@@ -1,0 +1,138 @@
+"""``torch.ops.dilated.block_sparse_attention`` and its backward op: custom op, fake kernel,
+autograd (SPEC section 4).
+
+q, k, v ``(batch, seq, heads, head_dim)``; the pattern by name and fields (v0.2.0's
+``SparsePatternConfig``: ``pattern``, ``block_size``, ``local_window_size``, ``global_tokens``,
+``sparsity_ratio``; ``segment_lengths``/``dilation_rates`` for ``dilated_sparse``), or
+``pattern="mask"`` with a bool ``block_mask`` ``(heads or 1, nb, nb)``. Returns ``(out, lse)``:
+``out`` as q, ``lse`` ``(batch, seq, heads)`` (float32; float64 for float64 inputs). A named
+pattern's layout is built inside the op, once per (arguments, length, device), so compiled and
+exported graphs hold the op alone, for any sequence length.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from ..kernels import block_sparse as _kernels
+from ..kernels.attention import default_scale, lse_dtype
+from . import eager
+
+
+def check_arguments(q, k, v, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,
+           dilation_rates, scale, block_mask) -> None:
+    _checks.check_qkv(q, k, v)
+    _checks.check_sparse_pattern(pattern, sparsity_ratio, block_size, local_window_size, global_tokens)
+    if pattern == "dilated_sparse":
+        _checks.check_segments(segment_lengths, dilation_rates)
+    if pattern == "mask":
+        _checks.check_block_mask(block_mask, q, block_size)
+    elif block_mask is not None:
+        raise ValueError(f"block_mask is only read with pattern 'mask': got pattern {pattern!r} and a block_mask")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None: got {scale!r}")
+
+
+def _plan(q, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,
+          dilation_rates, is_causal, block_mask):
+    """``(index, valid)`` of the layout: a named pattern's from the cache, a mask's built here."""
+    if pattern == "mask":
+        layout = block_mask.to(q.device)
+        return _kernels.gather_plan(_kernels.causal_blocks(layout) if is_causal else layout)
+    _, index, valid = _kernels.cached_plan(
+        pattern, q.shape[1], q.shape[2], block_size, local_window_size, global_tokens, float(sparsity_ratio),
+        tuple(segment_lengths), tuple(dilation_rates), is_causal, q.device)
+    return index, valid
+
+
+@torch.library.custom_op("dilated::block_sparse_attention", mutates_args=())
+def block_sparse_attention_op(
+    q: Tensor, k: Tensor, v: Tensor,
+    # The pattern: SparsePatternConfig's fields, dilated_sparse's branches, or pattern "mask".
+    pattern: str, block_size: int, local_window_size: Optional[int], global_tokens: int, sparsity_ratio: float,
+    segment_lengths: List[int], dilation_rates: List[int],
+    is_causal: bool = False, scale: Optional[float] = None, block_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    check_arguments(q, k, v, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,
+           dilation_rates, scale, block_mask)
+    return _forward_kernels(q, k, v, pattern, block_size, local_window_size, global_tokens, sparsity_ratio,
+                            segment_lengths, dilation_rates, is_causal, scale, block_mask)
+
+
+@block_sparse_attention_op.register_fake
+def block_sparse_attention_fake(q, k, v, pattern, block_size, local_window_size, global_tokens, sparsity_ratio,
+                                segment_lengths, dilation_rates, is_causal=False, scale=None, block_mask=None):
+    _checks.check_qkv(q, k, v)
+    b, n, h, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(b, n, h, dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("dilated::block_sparse_attention_backward", mutates_args=())
+def block_sparse_attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    pattern: str, block_size: int, local_window_size: Optional[int], global_tokens: int, sparsity_ratio: float,
+    segment_lengths: List[int], dilation_rates: List[int],
+    is_causal: bool, scale: Optional[float], block_mask: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    plan = _plan(q, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,
+                 dilation_rates, is_causal, block_mask)
+    return _kernels.backward(grad_out, q, k, v, out, lse, plan, block_size, is_causal,
+                             default_scale(q.shape[-1], scale))
+
+
+@block_sparse_attention_backward_op.register_fake
+def block_sparse_attention_backward_fake(grad_out, q, k, v, out, lse, pattern, block_size, local_window_size, global_tokens,
+                                         sparsity_ratio, segment_lengths, dilation_rates, is_causal, scale,
+                                         block_mask):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _forward_kernels(q, k, v, pattern, block_size, local_window_size, global_tokens, sparsity_ratio,
+                     segment_lengths, dilation_rates, is_causal, scale, block_mask):
+    plan = _plan(q, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,
+                 dilation_rates, is_causal, block_mask)
+    return _kernels.forward(q, k, v, plan, block_size, is_causal, default_scale(q.shape[-1], scale))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *config = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, config[-1])  # block_mask (or None) last
+    ctx.config = config[:-1]
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, block_mask = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attention_backward_op(grad_out, q, k, v, out, lse, *ctx.config, block_mask)
+    return (dq, dk, dv) + (None,) * 10
+
+
+block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _backward_kernels(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, block_mask = ctx.saved_tensors
+    (pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths, dilation_rates,
+     is_causal, scale) = ctx.config
+    plan = _plan(q, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,
+                 dilation_rates, is_causal, block_mask)
+    dq, dk, dv = _kernels.backward(grad_out, q, k, v, out, lse, plan, block_size, is_causal,
+                                   default_scale(q.shape[-1], scale))
+    return (dq, dk, dv) + (None,) * 10
+
+
+_EAGER = eager.Kernels(_forward_kernels, _setup_context, _backward_kernels)
+
+
+def call(q: Tensor, k: Tensor, v: Tensor, pattern: str, block_size: int, local_window_size: Optional[int],
+         global_tokens: int, sparsity_ratio: float, segment_lengths: List[int], dilation_rates: List[int],
+         is_causal: bool, scale: Optional[float], block_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of the op on validated arguments (see :func:`eager.run`)."""
+    args = (q, k, v, pattern, block_size, local_window_size, global_tokens, float(sparsity_ratio),
+            list(segment_lengths), list(dilation_rates), is_causal, scale, block_mask)
+    return eager.run(block_sparse_attention_op, _EAGER, args, (q, k, v))
+
