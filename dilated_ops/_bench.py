@@ -241,3 +241,40 @@ def host_profile(call: Callable[[], None], device, reps: int = 200, row_limit: i
     stats = pstats.Stats(prof, stream=s)
     stats.sort_stats("tottime").print_stats(row_limit)
     return s.getvalue()
+
+
+def flex_block_mask(layout: torch.Tensor, n: int, block_size: int, is_causal: bool):
+    """FlexAttention's ``BlockMask`` of a block-sparse layout ``(heads or 1, nb, nb)``, built
+    from the block lists (never an n x n mask): blocks wholly visible are "full" (no mask_mod
+    call), the causal diagonal the only partial ones. Needs ``n % block_size == 0``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = layout.shape[-1]
+    eye = torch.eye(nb, dtype=torch.bool, device=layout.device)
+    partial = layout & eye if is_causal else torch.zeros_like(layout)
+    full = layout & ~partial
+
+    def lists(blocks):
+        counts = blocks.sum(-1, dtype=torch.int32)
+        order = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        return counts[None].contiguous(), order[None].contiguous()
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=causal if is_causal else None, seq_lengths=(n, n))
+
+
+_FLEX = None
+
+
+def flex(q, k, v, block_mask):
+    """Compiled FlexAttention of q, k, v ``(batch, seq, heads, head_dim)`` under ``block_mask``."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask).transpose(1, 2)

@@ -40,6 +40,7 @@ COLUMNS = ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", 
 PASSES = ("fwd", "fwd+bwd")
 MODES = ("groups", "longnet")
 BASELINES = ("pregathered", "naive")
+FLEX = "flex"  # FlexAttention with a BlockMask of the block-sparse rows' layout (CUDA)
 DENSE = "dense"
 # Names users know from earlier versions of this command and of the removed benchmark script.
 ALIASES = {"block-sparse": "dilated-block_sparse", "op": "dilated-improved", "op-sdpa": "dilated-standard"}
@@ -54,7 +55,7 @@ def dilated_name(variant_name: str) -> str:
 
 def impl_names() -> List[str]:
     """Every name ``--impls`` accepts besides the aliases: one per variant, the baselines, dense."""
-    return [dilated_name(v) for v in variants.VARIANTS] + list(BASELINES) + [DENSE]
+    return [dilated_name(v) for v in variants.VARIANTS] + list(BASELINES) + [FLEX, DENSE]
 
 
 def default_impls() -> List[str]:
@@ -69,7 +70,7 @@ def canonical_impl(name: str) -> Optional[str]:
     if name.startswith("dilated-"):
         variant = name[len("dilated-"):].replace("-", "_")
         return dilated_name(variant) if variant in variants.VARIANTS else None
-    return name if name in BASELINES or name == DENSE else None
+    return name if name in BASELINES or name in (FLEX, DENSE) else None
 
 
 def _variant(impl: str) -> Optional[variants.Variant]:
@@ -137,7 +138,7 @@ def _jobs(args) -> List[Tuple[int, str, str, Optional[str]]]:
                 jobs.append((n, impl, "", None))  # listed once per seq_len, whatever the modes
                 continue
             modes = args.modes if impl not in BASELINES else ["groups"]
-            if _variant(impl) is not None and "sparse_config" in _variant(impl).options:
+            if impl == FLEX or (_variant(impl) is not None and "sparse_config" in _variant(impl).options):
                 modes = [_pattern_label(args)]  # one row: the pattern, not a combine mode
             for mode in modes:
                 jobs.append((n, impl, mode, None))
@@ -165,6 +166,13 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
     flops = _bench.useful_flops(n, h, d, segs, rates, mode, causal)
     if impl == "naive":
         return (lambda: [_bench.naive(q, k, v, segs, rates, causal)]), (q, k, v), flops
+    if impl == FLEX:
+        layout = block_sparse.pattern_layout(
+            args.pattern, n, h, args.block_size, None, args.block_size, args.density, tuple(segs), tuple(rates),
+            causal, q.device)
+        mask = _bench.flex_block_mask(layout, n, args.block_size, causal)
+        flops = _bench.block_sparse_flops(layout, h, d, args.block_size, causal)
+        return (lambda: [_bench.flex(q, k, v, mask)]), (q, k, v), flops
     if impl == "pregathered":
         batches = _bench.pregather(q, k, v, segs, rates)
         return (lambda: _bench.pregathered(batches, causal)), [t for bt in batches for t in bt], flops
@@ -211,6 +219,9 @@ def _why_not_timed(n, impl, mode, args, dtype, timed_calls) -> Optional[str]:
         same = timed_calls.get((id(variant.op), tuple(sorted(variant.op_kwargs.items()))))
         if same is not None and same != impl:
             return f"same call as {same} (op arguments {variant.op_kwargs}): timed once, under that name"
+    elif impl == FLEX:
+        if torch.device(args.device).type != "cuda" or n % args.block_size:
+            return "skipped: flex rows need CUDA and seq_len a multiple of --block-size"
     elif impl in BASELINES:
         return _bench.baseline_applies(n, args.segment_lengths, mode)
     elif impl == DENSE and n > args.dense_max:

@@ -16,12 +16,15 @@ autograd (the gather's gradient is the scatter-add into key blocks).
 from __future__ import annotations
 
 import math
+import os
 import threading
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 PATTERNS = ("local_window", "global_local", "dilated_sparse")
+# DILATED_OPS_TRITON=0 keeps CUDA calls on the gather path (as it turns off the dilated forward).
+ENABLED = os.environ.get("DILATED_OPS_TRITON", "1") != "0"
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -85,20 +88,53 @@ def causal_blocks(layout: torch.Tensor) -> torch.Tensor:
     return layout & (i[None, :] <= i[:, None])
 
 
+class Plan:
+    """A layout ``(H or 1, nb, nb)`` as the kernels walk it: per (layout head, query block) the
+    active key blocks' indices padded to the largest count (``index``, ``(H or 1, nb, kmax)``),
+    which entries are real (``valid``), the counts (``counts``, int32) and the indices as int32
+    (``index32``); :meth:`transposed`, the same for the key blocks (which query blocks read
+    each), built on first use. Built with one host read of the largest count."""
+
+    def __init__(self, layout: torch.Tensor):
+        self.layout = layout.contiguous()  # the sort's indices follow the layout's strides
+        self.num_blocks = layout.shape[-1]
+        self.index, self.valid, self.counts = _walk(self.layout)
+        self.index32 = self.index.to(torch.int32).contiguous()
+        self._transposed = None
+
+    def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(index32, counts)`` of the transposed layout."""
+        if self._transposed is None:
+            index, _, counts = _walk(self.layout.transpose(-1, -2).contiguous())
+            self._transposed = (index.to(torch.int32).contiguous(), counts)
+        return self._transposed
+
+    def tensors(self):
+        return [self.layout, self.index, self.valid, self.counts, self.index32, *(self._transposed or ())]
+
+
+def _walk(layout: torch.Tensor):
+    counts = layout.sum(-1)
+    kmax = max(int(counts.max()), 1) if layout.numel() else 1
+    # Stable sort puts the active blocks first, in block order.
+    order = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :kmax]
+    valid = torch.arange(kmax, device=layout.device) < counts[..., None]
+    return order, valid, counts.to(torch.int32).contiguous()
+
+
 # The library's own pattern cache (reported by get_memory_pool_info, emptied by
-# clear_memory_pool): a named pattern's layout and gather plan, built once per
-# (arguments, length, device); the oldest entry goes past _MAX_LAYOUTS.
+# clear_memory_pool): a named pattern's plan, built once per (arguments, length, device); the
+# oldest entry goes past _MAX_LAYOUTS.
 _MAX_LAYOUTS = 64
-_LAYOUTS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_LAYOUTS: Dict[tuple, Plan] = {}
 _LOCK = threading.Lock()
 
 
-def cached_plan(*key) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(layout, index, valid)`` for :func:`pattern_layout`'s arguments ``key``."""
+def cached_plan(*key) -> Plan:
+    """The :class:`Plan` of :func:`pattern_layout`'s arguments ``key``."""
     plan = _LAYOUTS.get(key)
     if plan is None:
-        layout = pattern_layout(*key)
-        plan = (layout, *gather_plan(layout))
+        plan = Plan(pattern_layout(*key))
         with _LOCK:
             if len(_LAYOUTS) >= _MAX_LAYOUTS:
                 _LAYOUTS.pop(next(iter(_LAYOUTS)))
@@ -112,7 +148,7 @@ def cache_entries() -> int:
 
 def cache_bytes() -> int:
     with _LOCK:
-        return sum(t.numel() * t.element_size() for plan in _LAYOUTS.values() for t in plan)
+        return sum(t.numel() * t.element_size() for plan in _LAYOUTS.values() for t in plan.tensors())
 
 
 def cache_clear() -> None:
@@ -120,22 +156,9 @@ def cache_clear() -> None:
         _LAYOUTS.clear()
 
 
-def gather_plan(layout: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(index, valid)``: per (layout head, query block), the active key blocks' indices padded
-    to the largest count, ``(H or 1, nb, kmax)``, and which entries are real. Reads the largest
-    count on the host (one sync per layout; named patterns' plans are cached)."""
-    layout = layout.contiguous()  # the sort's indices follow the layout's strides
-    counts = layout.sum(-1)
-    kmax = max(int(counts.max()), 1) if layout.numel() else 1
-    # Stable sort puts the active blocks first, in key order.
-    order = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :kmax]
-    valid = torch.arange(kmax, device=layout.device) < counts[..., None]
-    return order, valid
-
-
 class _Blocks:
     """q's blocks, the active key blocks gathered per query block, and what each score may see,
-    for one call: q, k, v ``(B, N, H, D)``; ``index``/``valid`` from :func:`gather_plan`."""
+    for one call: q, k, v ``(B, N, H, D)``; ``index``/``valid`` of a :class:`Plan`."""
 
     def __init__(self, q, k, v, index, valid, block_size: int, is_causal: bool):
         b, n, h, d = q.shape
@@ -197,21 +220,43 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(q, k, v, plan, block_size: int, is_causal: bool, scale: float):
-    """``(out, lse)``: out ``(batch, seq, heads, head_dim)`` as q (its dtype), lse
-    ``(batch, seq, heads)`` float32 (float64 for float64 inputs). ``plan``: ``(index, valid)``
-    of the layout (:func:`gather_plan`)."""
+def _triton(q, block_size: int):
+    """The Triton kernels' module when they apply to q (CUDA float16/bfloat16, block and head
+    sizes they take), else None (CPU installs without Triton included)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or not ENABLED:
+        return None
+    try:
+        from . import triton_block_sparse
+    except ImportError:
+        return None
+    return triton_block_sparse if triton_block_sparse.supported(q, block_size) else None
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(q, k, v, plan: Plan, block_size: int, is_causal: bool, scale: float):
+    """``(out, lse)``: out ``(batch, seq, heads, head_dim)`` as q (its dtype), contiguous; lse
+    ``(batch, seq, heads)`` float32 (float64 for float64 inputs)."""
+    triton_kernels = _triton(q, block_size)
+    if triton_kernels is not None:
+        return triton_kernels.forward(_unit_last(q), _unit_last(k), _unit_last(v), plan, block_size, is_causal, scale)
     ct = _compute_dtype(q.dtype)
-    x = _Blocks(q.to(ct), k.to(ct), v.to(ct), *plan, block_size, is_causal)
+    x = _Blocks(q.to(ct), k.to(ct), v.to(ct), plan.index, plan.valid, block_size, is_causal)
     p, lse = x.probs(scale)
     return x.unblocks(p @ x.vg).to(q.dtype).contiguous(), x.unblocks(lse).contiguous()
 
 
-def backward(grad_out, q, k, v, out, lse, plan, block_size: int, is_causal: bool, scale: float):
-    """``(dq, dk, dv)`` from the forward's ``out`` and ``lse`` (the softmax weights are
-    recomputed from them; the gathers' adjoints are scatter-adds into the key blocks)."""
+def backward(grad_out, q, k, v, out, lse, plan: Plan, block_size: int, is_causal: bool, scale: float):
+    """``(dq, dk, dv)``, contiguous, from the forward's ``out`` and ``lse`` (the softmax weights
+    are recomputed from them; on the gather path the gathers' adjoints are scatter-adds into the
+    key blocks)."""
+    triton_kernels = _triton(q, block_size)
+    if triton_kernels is not None:
+        return triton_kernels.backward(grad_out, q, k, v, out, lse, plan, block_size, is_causal, scale)
     ct = _compute_dtype(q.dtype)
-    x = _Blocks(q.to(ct), k.to(ct), v.to(ct), *plan, block_size, is_causal)
+    x = _Blocks(q.to(ct), k.to(ct), v.to(ct), plan.index, plan.valid, block_size, is_causal)
     p, _ = x.probs(scale, x.blocks(lse[..., None].to(ct)).squeeze(-1))
     do = x.blocks(grad_out.to(ct))
     delta = (do * x.blocks(out.to(ct))).sum(-1, keepdim=True)  # rowsum(dO * O)

@@ -37,15 +37,14 @@ def check_arguments(q, k, v, pattern, block_size, local_window_size, global_toke
 
 
 def _plan(q, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,
-          dilation_rates, is_causal, block_mask):
-    """``(index, valid)`` of the layout: a named pattern's from the cache, a mask's built here."""
+          dilation_rates, is_causal, block_mask) -> _kernels.Plan:
+    """The layout's plan: a named pattern's from the cache, a mask's built here."""
     if pattern == "mask":
         layout = block_mask.to(q.device)
-        return _kernels.gather_plan(_kernels.causal_blocks(layout) if is_causal else layout)
-    _, index, valid = _kernels.cached_plan(
+        return _kernels.Plan(_kernels.causal_blocks(layout) if is_causal else layout)
+    return _kernels.cached_plan(
         pattern, q.shape[1], q.shape[2], block_size, local_window_size, global_tokens, float(sparsity_ratio),
         tuple(segment_lengths), tuple(dilation_rates), is_causal, q.device)
-    return index, valid
 
 
 @torch.library.custom_op("dilated::block_sparse_attention", mutates_args=())
