@@ -61,6 +61,36 @@ class SelfMHA(nn.Module):
         return self.attn(x, k, v, need_weights=False)[0]
 
 
+def run_saved_in_fresh_process(ep, args, expected, op, directory) -> int:
+    """Saves ``ep``, loads it in a fresh Python process that imports ``dilated_ops`` first, runs
+    it on ``args`` and asserts the output equals ``expected`` bitwise; returns the number of
+    ``op`` nodes the loaded program holds."""
+    import os
+    import subprocess
+    import sys
+
+    path = os.path.join(str(directory), "program.pt2")
+    torch.export.save(ep, path)
+    io = os.path.join(str(directory), "io.pt")
+    torch.save({"args": args, "expected": expected}, io)
+    script = (
+        "import sys, torch\n"
+        "import dilated_ops  # registers torch.ops.dilated before load\n"
+        "ep = torch.export.load(sys.argv[1])\n"
+        "io = torch.load(sys.argv[2])\n"
+        "out = ep.module()(*io['args'])\n"
+        "assert torch.equal(out, io['expected']), (out - io['expected']).abs().max()\n"
+        "op = eval(sys.argv[3])\n"
+        "print('ok', sum(n.target == op for n in ep.graph.nodes))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, path, io, f"torch.ops.{op}"], capture_output=True,
+                         text=True, env=os.environ.copy())
+    assert res.returncode == 0, res.stderr
+    word, count = res.stdout.split()
+    assert word == "ok"
+    return int(count)
+
+
 class GPTBlock(nn.Module):
     def __init__(self, e=8, h=2):
         super().__init__()

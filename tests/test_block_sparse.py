@@ -5,11 +5,7 @@ blocks, per-head layouts, query blocks with no key block and fuzzed layouts; the
 layouts against SPEC's definitions written out as loops; opcheck, gradcheck, compile, export,
 the layout cache and validation errors."""
 import math
-import os
 import random
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,7 +16,7 @@ from dilated_ops import SparsePatternConfig
 from dilated_ops.kernels import block_sparse
 from dilated_ops.kernels.reference import block_sparse_reference
 
-from models import rel_err, x64
+from models import rel_err, run_saved_in_fresh_process, x64
 
 OP = torch.ops.dilated.block_sparse_attention.default
 BACKWARD_OP = torch.ops.dilated.block_sparse_attention_backward.default
@@ -579,23 +575,7 @@ def test_export_save_load_in_fresh_process(tmp_path):
     model = Attn(SparsePatternConfig("local_window", block_size=4, local_window_size=8))
     args = tuple(torch.randn(2, 35, 3, 8) for _ in range(3))
     ep = torch.export.export(model, args)
-    path = tmp_path / "attn.pt2"
-    torch.export.save(ep, str(path))
-    torch.save({"args": args, "expected": model(*args)}, tmp_path / "io.pt")
-    script = textwrap.dedent(
-        f"""
-        import torch
-        import dilated_ops  # registers torch.ops.dilated before load
-        ep = torch.export.load({str(path)!r})
-        io = torch.load({str(tmp_path / 'io.pt')!r})
-        out = ep.module()(*io["args"])
-        assert torch.equal(out, io["expected"]), (out - io["expected"]).abs().max()
-        print("ok", sum(n.target == torch.ops.dilated.block_sparse_attention.default for n in ep.graph.nodes))
-        """
-    )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["ok", "1"]
+    assert run_saved_in_fresh_process(ep, args, model(*args), "dilated.block_sparse_attention.default", tmp_path) == 1
 
 
 # The layout cache.

@@ -1,9 +1,5 @@
 """SPEC section 6: no graph breaks, dynamic sequence length, one node per call in export, and
 export.save/load in a fresh process."""
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -11,7 +7,8 @@ import torch._dynamo.testing
 from expecttest import assert_expected_inline
 
 import dilated_ops
-from dilated_ops.kernels.reference import dilated_attention_reference
+
+from models import run_saved_in_fresh_process
 
 SEGS, RATES = [8, 16, 32], [1, 2, 4]
 
@@ -104,20 +101,4 @@ def test_export_save_load_in_fresh_process(tmp_path):
     model = Attn("groups", True)
     args = qkv(n=70)
     ep = torch.export.export(model, args)
-    path = tmp_path / "attn.pt2"
-    torch.export.save(ep, str(path))
-    torch.save({"args": args, "expected": model(*args)}, tmp_path / "io.pt")
-    script = textwrap.dedent(
-        f"""
-        import torch
-        import dilated_ops  # registers torch.ops.dilated before load
-        ep = torch.export.load({str(path)!r})
-        io = torch.load({str(tmp_path / 'io.pt')!r})
-        out = ep.module()(*io["args"])
-        assert torch.equal(out, io["expected"]), (out - io["expected"]).abs().max()
-        print("ok", sum(n.target == torch.ops.dilated.dilated_attention.default for n in ep.graph.nodes))
-        """
-    )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["ok", "1"]
+    assert run_saved_in_fresh_process(ep, args, model(*args), "dilated.dilated_attention.default", tmp_path) == 1
