@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 BLOCK_SIZES = (16, 32, 64, 128)
 HEAD_DIMS = (16, 32, 64, 128)
 
