@@ -21,7 +21,6 @@ from . import registrations  # noqa: F401 (registers torch.ops.dilated)
 from .config import SparsePatternConfig
 
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CPU_DTYPES = (torch.float32, torch.float64)
 
 # "auto" picks "ring" above this declared sequence length (max_seq_len=): in one process ring
 # computes what improved computes; the threshold marks where sharding the sequence over devices
@@ -106,7 +105,7 @@ def _on_dilated_op(name: str, summary: str, backend: str, module: str, notes: st
     """A row over ``torch.ops.dilated.dilated_attention`` with the op's ``backend`` argument."""
     return Variant(
         name, summary, op=torch.ops.dilated.dilated_attention, args=_dilated_args, op_args=(("backend", backend),),
-        devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
+        devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
         module=f"{module}DilatedAttention", multihead_module=f"{module}MultiheadDilatedAttention", notes=notes,
     )
 
@@ -128,7 +127,7 @@ VARIANTS: Dict[str, Variant] = {
         Variant(
             "block_sparse", "attention over the active blocks of a block layout (SPEC section 4)",
             op=torch.ops.dilated.block_sparse_attention, args=_block_sparse_args, options=("sparse_config",),
-            devices=(("cpu", _CPU_DTYPES), ("cuda", _ALL_DTYPES)), causal=True,
+            devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True,
             module="BlockSparseRingDilatedAttention", multihead_module="BlockSparseRingMultiheadDilatedAttention",
             notes="patterns of `SparsePatternConfig` (local_window, global_local, dilated_sparse, a block mask); "
                   "active blocks gathered per query block",

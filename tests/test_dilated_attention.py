@@ -321,3 +321,60 @@ def test_forward_mode_ad_is_a_clear_error():
         # without tangents inside a dual level it still runs
         assert torch.equal(dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2]),
                            dilated_ops.dilated_attention(q.clone(), k, v, [8, 16], [1, 2]))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])
+def test_half_precision_on_cpu_forward_and_backward(dtype, tol, mode, is_causal):
+    """Issue 18, item 1: the CPU backward of float16/bfloat16 inputs crashed (the CPU kernel's
+    backward takes the log-sum-exp in float32); now within the dtype's tolerance of float64."""
+    q, k, v = (rand(2, 37, 3, 16).to(dtype).requires_grad_() for _ in range(3))
+    out = dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2], mode=mode, is_causal=is_causal)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = dilated_attention_reference(*ref_in, [8, 16], [1, 2], mode=mode, is_causal=is_causal)
+    want = torch.autograd.grad(ref, ref_in, g.double())
+    assert out.dtype == dtype and rel_err(out, ref) < tol
+    for got_i, want_i in zip(grads, want):
+        assert got_i.dtype == dtype and rel_err(got_i, want_i) < 2 * tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [-0.5, 0.0, 0.3])
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_causal_any_scale_sign_on_cpu(mode, scale, dtype):
+    """Issue 18, item 2: causal attention with scale <= 0 gave NaN rows on the CPU (PyTorch's CPU
+    kernel does); such calls take the explicit path, forward and backward."""
+    q, k, v = (rand(2, 20, 3, 8).to(dtype).requires_grad_() for _ in range(3))
+    out = dilated_ops.dilated_attention(q, k, v, [4, 8], [1, 2], mode=mode, is_causal=True, scale=scale)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = dilated_attention_reference(*ref_in, [4, 8], [1, 2], mode=mode, is_causal=True, scale=scale)
+    want = torch.autograd.grad(ref, ref_in, g.double())
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert not out.isnan().any() and rel_err(out, ref) < tol
+    for got_i, want_i in zip(grads, want):
+        assert not got_i.isnan().any() and rel_err(got_i, want_i, floor=0.1) < 2 * tol
+
+
+def test_autocast_bfloat16_training_step_of_the_multihead_module():
+    """Issue 18's acceptance: a training step under torch.autocast("cpu", torch.bfloat16) runs,
+    and its parameter gradients are those of float32 within bfloat16's tolerance."""
+    torch.manual_seed(0)
+    m = dilated_ops.MultiheadDilatedAttention(32, 4, [1, 2], [8, 16])
+    x = torch.randn(2, 40, 32)
+    m(x, x, x, is_causal=True)[0].square().mean().backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, x, x, is_causal=True)[0]
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    # k_proj.bias has an exact gradient of 0 (the softmax ignores a constant per query): the
+    # floor, a fraction of the largest gradient, keeps its rounding noise from counting.
+    floor = 0.01 * max(g.norm() for g in want.values())
+    for name, p in m.named_parameters():
+        assert torch.isfinite(p.grad).all() and rel_err(p.grad, want[name], floor=floor) < 5e-2, name

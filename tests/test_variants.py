@@ -78,7 +78,7 @@ def test_markdown_table_lists_every_row_and_its_capabilities():
     table = variants.markdown_table()
     for v in variants.VARIANTS.values():
         assert f"| `{v.name}` |" in table
-    assert "cpu: float32, float64" in table and "not built" in table
+    assert "cpu: float16, bfloat16, float32, float64" in table and "not built" in table
 
 
 def test_rewrite_config_checks_and_overrides():

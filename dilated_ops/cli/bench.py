@@ -107,10 +107,6 @@ def validate(args) -> None:
     _checks.check_int_list("seq_lens", args.seq_lens)
     if "groups" in args.modes:
         _checks.check_num_groups(args.heads, len(args.segment_lengths))
-    dtype = getattr(torch, args.dtype)
-    if torch.device(args.device).type == "cpu" and dtype in (torch.float16,):
-        raise ValueError("dtype float16 is not supported on the CPU by PyTorch's attention kernels; "
-                         "use float32, float64 or bfloat16")
     unknown = [i for i in args.impls if canonical_impl(i) is None]
     if unknown:
         raise ValueError(f"impls must be among {', '.join(impl_names())} (aliases: "

@@ -43,12 +43,13 @@ def device_capability(device: torch.device):
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def select_backend(q: torch.Tensor, dropout_p: float, scale: float) -> str:
+def select_backend(q: torch.Tensor, dropout_p: float, scale: float, is_causal: bool = False) -> str:
     """The attention kernel for one piece, q ``(batch*segments, heads, len, head_dim)``."""
     if dropout_p > 0.0:
         return "math"
     if q.device.type == "cpu":
-        return "cpu_flash"
+        # PyTorch's CPU flash kernel returns NaN rows for causal attention with scale <= 0.
+        return "cpu_flash" if scale > 0 or not is_causal else "math"
     if q.device.type == "cuda":
         head_dim = q.shape[-1]
         cuda = torch.backends.cuda
@@ -112,7 +113,7 @@ def forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``(B, H, L, D)`` q, k, v. Returns ``out`` ``(B, H, L, D)`` (any strides)
     and ``lse`` ``(B, H, L)`` in :func:`lse_dtype`."""
-    backend = select_backend(q, dropout_p, scale)
+    backend = select_backend(q, dropout_p, scale, is_causal)
     if backend == "cudnn":
         res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
         out, lse = res[0], res[1]
@@ -146,7 +147,7 @@ def backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)``, each ``(B, H, L, D)``, of attention with probabilities
     ``exp(q k^T scale - lse)`` and ``delta = rowsum(grad_out * out)``. ``lse`` ``(B, H, L)``."""
-    backend = select_backend(q, dropout_p, scale)
+    backend = select_backend(q, dropout_p, scale, is_causal)
     length = q.shape[-2]
     no_rng = torch.empty(0, dtype=torch.int64, device=q.device)  # dropout is off on these paths
     if backend == "cudnn":
@@ -176,8 +177,10 @@ def backward(
         )
         return dq, dk, dv
     if backend == "cpu_flash":
+        # The kernel takes the log-sum-exp in its accumulation dtype, as its forward returns it
+        # (float32 for float16/bfloat16 inputs).
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse.to(q.dtype).contiguous(), 0.0, is_causal, scale=scale
+            grad_out, q, k, v, out, lse.to(lse_dtype(q.dtype)).contiguous(), 0.0, is_causal, scale=scale
         )
     p, _ = _math_probs(q, k, lse, is_causal, scale)
     p = p.to(q.dtype)
