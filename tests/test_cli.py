@@ -204,3 +204,85 @@ def test_inspect_large_seq_is_drawn_in_blocks(capsys):
     out = capsys.readouterr().out
     grid = [line for line in out.splitlines() if line.startswith("  ") and set(line.strip()) <= set("#+.")]
     assert len(grid) == 32 and all(len(line.strip()) == 32 for line in grid)
+
+
+# Issue 18, item 5: these printed tracebacks (exit 1); each is an argument error: exit 2, no
+# traceback, and stderr's last line is the one message naming the flag and its value.
+def assert_argument_error(proc, sub, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dilated-ops {sub}: error: "), proc.stderr
+    for needle in needles:
+        assert needle in last, proc.stderr
+
+
+@pytest.mark.parametrize("sub", ["bench", "demo"])
+@pytest.mark.parametrize("device", ["foo", "cuda:abc", "", "cuda:5"])
+def test_bad_device_is_an_argument_error(sub, device):
+    if device == "cuda:5" and torch.cuda.device_count() > 5:
+        pytest.skip("this machine has a cuda:5")
+    proc = run_cli(sub, "--device", device, timeout=120)
+    assert_argument_error(proc, sub, f"--device {device or repr(device)}:")
+    if device == "cuda:5":
+        assert ("CUDA is not available" if not torch.cuda.is_available() else "no such CUDA device") in proc.stderr
+
+
+def test_cuda_device_without_cuda_subprocess():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    assert_argument_error(run_cli("bench", "--device", "cuda", timeout=120), "bench",
+                          "--device cuda:", "CUDA is not available")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bench_half_precision_on_cpu_runs(dtype, tmp_path):
+    proc = run_cli("bench", "--device", "cpu", "--dtype", dtype, "--seq-lens", "64", "--segment-lengths", "16,32",
+                   "--heads", "2", "--head-dim", "8", "--repeats", "2", "--warmup", "1", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["dtype"] for r in rows} == {dtype}
+    assert any(r["median_ms"] for r in rows if r["impl"] == "dilated-standard")
+
+
+def _a_regular_file(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("not a directory\n")
+    return f
+
+
+def test_bench_unwritable_out_dir_is_an_argument_error_before_timing(tmp_path):
+    out_dir = _a_regular_file(tmp_path) / "sub"  # its parent is a regular file: cannot be created
+    proc = run_cli("bench", "--device", "cpu", "--seq-lens", "64", "--segment-lengths", "16,32", "--heads", "2",
+                   "--head-dim", "8", "--repeats", "1", "--warmup", "0", "--out-dir", str(out_dir), timeout=120)
+    assert_argument_error(proc, "bench", f"--out-dir {out_dir}:", "not a directory")
+    assert "dilated_ops bench:" not in proc.stdout and "| seq_len" not in proc.stdout  # nothing timed
+    # An --out-dir that is itself a regular file.
+    proc = run_cli("bench", "--device", "cpu", "--out-dir", str(tmp_path / "a_file"), timeout=120)
+    assert_argument_error(proc, "bench", f"--out-dir {tmp_path / 'a_file'}:", "not a directory")
+
+
+def test_demo_unwritable_out_is_an_argument_error_before_training(tmp_path):
+    out = _a_regular_file(tmp_path) / "sub"
+    proc = run_cli("demo", "--device", "cpu", "--out", str(out), timeout=120)
+    assert_argument_error(proc, "demo", f"--out {out}:", "not a directory")
+    assert "train" not in proc.stdout and "train" not in proc.stderr
+
+
+def test_plot_unwritable_out_is_an_argument_error(tmp_path):
+    csv_path = tmp_path / "bench.csv"
+    csv_path.write_text("seq_len,impl,pass,median_ms,peak_mib\n64,dense,fwd,1.0,\n")
+    for out, reason in [(_a_regular_file(tmp_path) / "x.png", "not a directory"),
+                        (tmp_path / "no_such_dir" / "x.png", "does not exist"),
+                        (tmp_path, "is a directory")]:
+        proc = run_cli("plot", str(csv_path), "--out", str(out), timeout=120)
+        assert_argument_error(proc, "plot", f"--out {out}:", reason)
+    proc = run_cli("plot", str(tmp_path / "missing.csv"), timeout=120)
+    assert_argument_error(proc, "plot", "argument csv:", "missing.csv", "no such file")
+
+
+def test_demo_unknown_inner_backend_is_an_argument_error_before_training():
+    proc = run_cli("demo", "--device", "cpu", "--inner", "no_such_backend", timeout=120)
+    assert_argument_error(proc, "demo", "--inner no_such_backend:", "not a registered torch.compile backend")
+    assert "train" not in proc.stdout and "train" not in proc.stderr

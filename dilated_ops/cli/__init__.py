@@ -234,6 +234,22 @@ def _validate_inspect(args) -> None:
         _checks.check_num_groups(args.heads, len(args.segment_lengths))
 
 
+def _validate_plot(args) -> None:
+    import os
+
+    from ._paths import check_out_file
+    if not os.path.isfile(args.csv):
+        raise ValueError(f"argument csv: {args.csv}: " + ("is a directory" if os.path.isdir(args.csv)
+                                                          else "no such file"))
+    if not os.access(args.csv, os.R_OK):
+        raise ValueError(f"argument csv: {args.csv}: not readable")
+    if args.out is None:  # the CSV's path with .png
+        args.out = (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + ".png"
+        check_out_file("--out", args.out, hint=" (the default: the CSV's path with .png; pass --out PATH)")
+    else:
+        check_out_file("--out", args.out)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -251,6 +267,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             bench.validate(args)
         elif args.command == "inspect":
             _validate_inspect(args)
+        elif args.command == "plot":
+            _validate_plot(args)
     except (ValueError, TypeError) as e:
         sub.error(str(e))  # the package's messages name the argument; exit 2 like argparse
     try:
@@ -264,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            args.mode, args.causal, args.max_cells, per_head=not args.union_only))
         elif args.command == "plot":
             from . import bench
-            out = args.out or (args.csv[:-4] if args.csv.endswith(".csv") else args.csv) + ".png"
+            out = args.out
             try:
                 bench.plot(args.csv, out)
             except ImportError:
@@ -272,6 +290,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "(pip install 'dilated-ops[bench]' or pip install matplotlib)\n")
             except FileNotFoundError as e:
                 sub.error(f"argument csv: {e}")
+            except OSError as e:  # the CSV was readable (checked first): writing the PNG failed
+                sub.error(f"--out {out}: cannot write it ({e.strerror or e})")
             print(f"wrote {out}")
     except ValueError as e:
         sub.error(str(e))

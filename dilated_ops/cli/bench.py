@@ -32,6 +32,7 @@ from .. import _bench, _checks, modules, variants
 from .._progress import Progress
 from ..config import SparsePatternConfig
 from ..kernels import block_sparse
+from ._paths import check_out_dir, makedirs
 
 COLUMNS = ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", "note", "mode", "compile",
            "fwd_p10_ms", "fwd_p50_ms", "fwd_p90_ms", "fwd_gpu_ms",
@@ -117,6 +118,7 @@ def validate(args) -> None:
     bad = [p for p in args.profile if p not in PROFILES]
     if bad:
         raise ValueError(f"profile must be among {', '.join(PROFILES)}: got {bad}")
+    check_out_dir("--out-dir", args.out_dir, files=("bench.csv", "bench.png"))
 
 
 def _jobs(args) -> List[Tuple[int, str, str, Optional[str]]]:
@@ -323,7 +325,7 @@ def run(args, out=None) -> dict:
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     dtype = getattr(torch, args.dtype)
     cuda = torch.device(args.device).type == "cuda"
-    os.makedirs(args.out_dir, exist_ok=True)
+    makedirs("--out-dir", args.out_dir)
     meta = {"device": device_name(args.device), "dtype": args.dtype, "torch": torch.__version__,
             "triton": triton_version(), "date": datetime.date.today().isoformat(), "batch": args.batch,
             "heads": args.heads, "head_dim": args.head_dim,

@@ -36,6 +36,7 @@ from .. import _checks
 from .._progress import Progress
 from ..fx_passes.backend import backend as dilated_backend
 from ..module_swap import export as dilated_export
+from ._paths import check_out_dir, makedirs
 
 NUM_FILLER = 8
 NUM_KEYS = 16
@@ -167,11 +168,17 @@ def _reload_in_fresh_process(pt2: str, data: str, device: str, batch: int) -> di
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)  # ValueError/RuntimeError on nonsense
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):  # torch's messages name no flag
+        raise ValueError(f"--device {device or repr(device)}: not a device, expected cpu, cuda, cuda:N or auto") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu, cuda or auto: got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: no such CUDA device, this machine has "
+                         f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -199,6 +206,12 @@ def validate(args) -> None:
         raise ValueError(f"key_len ({args.key_len}) must be at most seq_len / 2 ({args.seq_len // 2})")
     if args.inner is None:
         args.inner = "inductor" if torch.device(args.device).type == "cuda" else "aot_eager"
+    import torch._dynamo as dynamo
+    if isinstance(args.inner, str) and args.inner not in dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"--inner {args.inner}: not a registered torch.compile backend, e.g. aot_eager, "
+                         f"eager, inductor (torch._dynamo.list_backends(exclude_tags=()) lists them)")
+    if getattr(args, "out", None) is not None:
+        check_out_dir("--out", args.out, files=("demo_model.pt2", "demo_inputs.pt"))
 
 
 def run(args, out=None) -> dict:
@@ -223,7 +236,7 @@ def run(args, out=None) -> dict:
            if args.inner == "aot_eager" and device == "cpu" else ""))
 
     out_dir = args.out or tempfile.mkdtemp(prefix="dilated_ops_demo_")
-    os.makedirs(out_dir, exist_ok=True)
+    makedirs("--out", out_dir)
     runs = []
     torch.manual_seed(args.seed)
     model = KeyRetriever(args.d_model, args.heads, args.layers).to(device)
