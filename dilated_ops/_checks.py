@@ -2,37 +2,68 @@
 (real and fake kernels, so compile-time tracing reports the same errors), configs and modules."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from . import _env
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("groups", "longnet")
 BACKENDS = ("auto", "sdpa")
+# The longest segment: segment lengths times the sequence stride go into as_strided's int64
+# strides and offsets (and int32 sequence lengths in the attention kernels), which a length near
+# 2**62 overflows.
+MAX_SEGMENT_LENGTH = 2**31 - 1
 
 
 def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
+def _is_int(x) -> bool:
+    """A Python int or a numpy integer scalar (``numbers.Integral``), never a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_int_sequence(values) -> bool:
+    if type(values) in (list, tuple):
+        return True
+    if isinstance(values, (str, bytes)):
+        return False
+    # A 1-D numpy array, which the ops' List[int] schema takes too.
+    return isinstance(values, Sequence) or (type(values).__module__ == "numpy" and getattr(values, "ndim", None) == 1)
+
+
 def check_int_list(name: str, values) -> list:
-    if type(values) not in (list, tuple) and (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)):
+    """A non-empty list of positive ints, returned as Python ints: numpy integers are converted
+    (the ops' ``List[int]`` schema converts them too), bools are refused (``True`` is not a
+    length)."""
+    if not _is_int_sequence(values):
         raise TypeError(f"{name} must be a list of positive ints: got {values!r}")
     values = list(values)
     if not values:
         raise ValueError(f"{name} must not be empty: got {values!r}")
-    for x in values:
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{name} must be a list of positive ints: got {values!r}")
-        if x < 1:
-            raise ValueError(f"{name} must be positive: got {values!r}")
-    return values
+    if not all(_is_int(x) for x in values):
+        raise TypeError(f"{name} must be a list of positive ints: got {values!r}")
+    ints = [int(x) for x in values]
+    if any(x < 1 for x in ints):
+        raise ValueError(f"{name} must be positive: got {values!r}")
+    return ints
 
 
-def check_segments(segment_lengths, dilation_rates) -> None:
-    """``w_i >= 1``, ``r_i >= 1``, ``w_i % r_i == 0``, equal lengths (SPEC section 1)."""
+def check_segments(segment_lengths, dilation_rates) -> Tuple[List[int], List[int]]:
+    """``1 <= w_i <= MAX_SEGMENT_LENGTH``, ``r_i >= 1``, ``w_i % r_i == 0``, equal lengths
+    (SPEC section 1). Returns both lists as Python ints."""
     segment_lengths = check_int_list("segment_lengths", segment_lengths)
     dilation_rates = check_int_list("dilation_rates", dilation_rates)
+    for i, w in enumerate(segment_lengths):
+        if w > MAX_SEGMENT_LENGTH:
+            raise ValueError(
+                f"segment_lengths[{i}] ({w}) is too large: at most 2**31 - 1 ({MAX_SEGMENT_LENGTH})"
+            )
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(
             "segment_lengths and dilation_rates must have same length: "
@@ -43,6 +74,7 @@ def check_segments(segment_lengths, dilation_rates) -> None:
             raise ValueError(
                 f"segment_lengths[{i}] ({w}) must be divisible by dilation_rates[{i}] ({r})"
             )
+    return segment_lengths, dilation_rates
 
 
 def check_mode(mode) -> None:
@@ -114,6 +146,57 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def check_scale(scale) -> Optional[float]:
+    """None, or a finite real number (Python or numpy, not bool), returned as a Python float."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None: got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite float or None: got {scale!r}")
+    return value
+
+
+def check_dropout_seed(dropout_seed) -> None:
+    """None, or the one-element int64 tensor the ops seed their dropout masks with."""
+    if dropout_seed is None:
+        return
+    if not isinstance(dropout_seed, torch.Tensor):
+        raise TypeError(f"dropout_seed must be a one-element int64 tensor or None: got {type(dropout_seed).__name__}")
+    if dropout_seed.dtype != torch.int64:
+        raise TypeError(
+            f"dropout_seed must be a one-element int64 tensor: got {dropout_seed.dtype} of shape {_shape(dropout_seed)}"
+        )
+    if dropout_seed.numel() != 1:
+        raise ValueError(f"dropout_seed must be a one-element int64 tensor: got shape {_shape(dropout_seed)}")
+
+
+def check_device(device) -> None:
+    """A module's ``device=``: None, a ``torch.device``, a device string or index, that exists
+    here (CUDA asked of :func:`dilated_ops._env.cuda_available`)."""
+    if device is None:
+        return
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be a torch.device, a device string, an int or None: got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device must be a valid torch.device: got {device!r} ({e})") from None
+    if dev.type == "cuda" and not _env.cuda_available():
+        shown = f"torch.device({str(dev)!r})" if isinstance(device, torch.device) else repr(device)
+        raise ValueError(f"device {shown} is not available: torch.cuda.is_available() is False")
+
+
+def check_param_dtype(dtype) -> None:
+    """A module's ``dtype=``: None or a floating point dtype the ops run in."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in SUPPORTED_DTYPES):
+        raise TypeError(
+            "dtype must be a floating point torch.dtype (torch.float16, torch.bfloat16, torch.float32 or "
+            f"torch.float64) or None: got {dtype!r}"
+        )
+
+
 def check_num_groups(num_heads: int, num_groups: int) -> None:
     if num_heads < num_groups:
         raise ValueError(
@@ -123,19 +206,23 @@ def check_num_groups(num_heads: int, num_groups: int) -> None:
 
 def check_dilated_args(
     q, k, v, segment_lengths, dilation_rates, mode, scale: Optional[float], dropout_p,
-    backend: str = "auto",
-) -> None:
-    """Everything :func:`dilated_attention` takes, checked in SPEC section 1's terms."""
+    backend: str = "auto", *, is_causal=False, dropout_seed=None,
+) -> Tuple[List[int], List[int], Optional[float]]:
+    """Everything :func:`dilated_attention` and the op take, checked in SPEC section 1's terms.
+    Returns ``(segment_lengths, dilation_rates, scale)`` as Python ints and float (numpy
+    scalars converted), what the kernels are given."""
     check_qkv(q, k, v)
-    check_segments(segment_lengths, dilation_rates)
+    segment_lengths, dilation_rates = check_segments(segment_lengths, dilation_rates)
     check_mode(mode)
+    check_bool("is_causal", is_causal)
+    scale = check_scale(scale)
     check_dropout(dropout_p)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None: got {scale!r}")
+    check_dropout_seed(dropout_seed)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or 'sdpa': got {backend!r}")
     if mode == "groups":
         check_num_groups(q.shape[2], len(segment_lengths))
+    return segment_lengths, dilation_rates, scale
 
 
 PATTERNS = ("local_window", "global_local", "dilated_sparse", "mask")

@@ -173,8 +173,10 @@ def create_multihead_dilated_attention(
         multihead_config: a :class:`MultiheadConfig` whose fields are the defaults.
         attention_config: a :class:`DilatedAttentionConfig` whose fields are the defaults.
         max_seq_len: the longest sequence you will run (a positive int), read by "auto" only.
-        device: of the parameters; also read by "auto".
-        dtype: of the parameters.
+        device: of the parameters (a ``torch.device``, a device string or index, one this
+            machine has); also read by "auto".
+        dtype: of the parameters: ``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or
+            ``torch.float64``.
         **kwargs: the fields of :class:`MultiheadConfig` (``embed_dim``, ``num_heads``
             required unless ``multihead_config`` is given; ``bias``, ``layer_norm``,
             ``layer_norm_eps``, ``gamma_init``, ``batch_first``) and of
@@ -190,10 +192,11 @@ def create_multihead_dilated_attention(
 
     Raises:
         TypeError: an unknown keyword, a required field missing, a config object of the wrong
-            class, or a field or ``max_seq_len`` of the wrong type.
+            class, a field or ``max_seq_len`` of the wrong type, or a ``dtype`` that is not
+            one of the four floating point dtypes.
         ValueError: an unknown ``attention_type``, ``max_seq_len < 1``, a bad field value
-            (e.g. ``embed_dim`` not divisible by ``num_heads``), or fewer heads than branches
-            in "groups" mode.
+            (e.g. ``embed_dim`` not divisible by ``num_heads``), fewer heads than branches
+            in "groups" mode, or a ``device`` that is malformed or absent (CUDA without CUDA).
         NotImplementedError: as :func:`create_dilated_attention`.
     """
     caller = "create_multihead_dilated_attention"
@@ -214,6 +217,8 @@ def create_multihead_dilated_attention(
         {k: v for k, v in kwargs.items() if k in _ATTENTION_FIELDS}, "attention_config", caller,
     )
     check_heads_cover_groups(mh, att)
+    _checks.check_device(device)
+    _checks.check_param_dtype(dtype)
     variant, reason = _resolve(attention_type, max_seq_len, device)
     module = getattr(modules, variant.multihead_module)(
         **dataclasses.asdict(mh), **dataclasses.asdict(att), device=device, dtype=dtype, **options

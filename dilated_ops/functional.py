@@ -39,28 +39,32 @@ def dilated_attention(
         q: ``(batch, seq, heads, head_dim)``.
         k: ``(batch, seq, heads, head_dim)``, as q.
         v: ``(batch, seq, heads, head_dim)``, as q.
-        segment_lengths: the branches' ``w_i``; a last segment shorter than ``w_i`` is attended
-            as it is.
+        segment_lengths: the branches' ``w_i`` (ints, numpy integers accepted; at most
+            ``2**31 - 1``); a last segment shorter than ``w_i`` is attended as it is.
         dilation_rates: the branches' ``r_i`` (``w_i % r_i == 0``), as many as segment_lengths.
         mode: ``"groups"`` (heads split into one group per branch, v0.2.0's numerics) or
             ``"longnet"`` (every head in every branch, combined by softmax weight as in the
             LongNet paper).
-        is_causal: mask keys after the query inside each segment.
-        scale: softmax scale; ``None`` is ``1 / sqrt(head_dim)``.
+        is_causal: mask keys after the query inside each segment (a bool).
+        scale: softmax scale, a finite real number (numpy floats accepted); ``None`` is
+            ``1 / sqrt(head_dim)``.
         dropout_p: attention-probability dropout, applied as given (pass 0.0 in eval, as
             with ``F.scaled_dot_product_attention``).
         backend: ``"auto"`` runs the fastest kernels we have for the device; ``"sdpa"`` only
             PyTorch's own attention kernels.
 
     Returns:
-        ``(batch, seq, heads, head_dim)``, in q's dtype, device and memory order.
+        ``(batch, seq, heads, head_dim)``, in q's dtype, device and memory order
+        (``head_dim == 0`` gives the empty output, as ``F.scaled_dot_product_attention``).
 
     Raises ValueError / TypeError naming the argument for bad input, and NotImplementedError
     for forward-mode AD (``torch.autograd.forward_ad``) tangents.
     """
     # Checked here as well as in the op: the op's schema rejects wrong types with a less
     # helpful message before its body runs.
-    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend)
+    segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
+        q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend, is_causal=is_causal
+    )
     seed = None
     if dropout_p > 0.0:
         # Drawn from the default CPU generator, so torch.manual_seed makes runs repeatable.
@@ -70,8 +74,7 @@ def dilated_attention(
             "dilated_attention does not support forward-mode AD (torch.autograd.forward_ad): "
             "q, k or v carries a tangent; use reverse mode (backward / torch.autograd.grad)"
         )
-    out, _ = _op.call(q, k, v, list(segment_lengths), list(dilation_rates), mode, is_causal, scale, dropout_p,
-                      seed, backend)
+    out, _ = _op.call(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed, backend)
     return out
 
 
@@ -118,6 +121,8 @@ def block_sparse_attention(
     args = (q, k, v, pattern.pattern_type, pattern.block_size, pattern.local_window_size, pattern.global_tokens,
             float(pattern.sparsity_ratio), list(segment_lengths), list(dilation_rates))
     _block_sparse.check_arguments(*args, scale, block_mask)
+    _checks.check_bool("is_causal", is_causal)
+    scale = _checks.check_scale(scale)
     if eager.has_tangent(q, k, v):
         raise NotImplementedError(
             "block_sparse_attention does not support forward-mode AD (torch.autograd.forward_ad): "

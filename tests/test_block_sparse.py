@@ -684,3 +684,23 @@ def test_forward_mode_ad_is_a_clear_error():
         dual = fwAD.make_dual(q, torch.randn_like(q))
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             dilated_ops.block_sparse_attention(dual, q, q, LOCAL)
+
+
+def test_scale_is_causal_and_head_dim_checks_match_dilated_attention():
+    """The checks of issue 18, item 4, for this variant too: numpy scales are taken, NaN and bool
+    refused naming scale, is_causal must be a bool, head_dim 0 is a clear error."""
+    import numpy as np
+
+    q = torch.randn(1, 16, 2, 8, dtype=torch.float64)
+    p = SparsePatternConfig("local_window", block_size=4, local_window_size=8)
+    torch.testing.assert_close(dilated_ops.block_sparse_attention(q, q, q, p, scale=np.float32(0.5)),
+                               dilated_ops.block_sparse_attention(q, q, q, p, scale=0.5))
+    with pytest.raises(ValueError, match="scale must be a finite float or None: got nan"):
+        dilated_ops.block_sparse_attention(q, q, q, p, scale=float("nan"))
+    with pytest.raises(TypeError, match="scale must be a float or None: got True"):
+        dilated_ops.block_sparse_attention(q, q, q, p, scale=True)
+    with pytest.raises(TypeError, match="is_causal must be a bool: got 'False'"):
+        dilated_ops.block_sparse_attention(q, q, q, p, is_causal="False")
+    e = q[..., :0]
+    with pytest.raises(ValueError, match=r"head_dim must be >= 1 for block_sparse_attention: got q of shape \(1, 16, 2, 0\)"):
+        dilated_ops.block_sparse_attention(e, e, e, p)

@@ -378,3 +378,147 @@ def test_autocast_bfloat16_training_step_of_the_multihead_module():
     floor = 0.01 * max(g.norm() for g in want.values())
     for name, p in m.named_parameters():
         assert torch.isfinite(p.grad).all() and rel_err(p.grad, want[name], floor=floor) < 5e-2, name
+
+
+# --- issue 18, item 4: argument edge cases, one answer from the function and the op ----------
+
+OP = torch.ops.dilated.dilated_attention
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_head_dim_zero_is_the_empty_attention_of_sdpa(mode, is_causal):
+    """As F.scaled_dot_product_attention: q of head_dim 0 gives an empty output of q's shape and
+    empty gradients; the lse is that of all-zero scores (log of the number of keys seen)."""
+    import torch.nn.functional as F
+
+    q, k, v = (rand(2, 20, 4, 0).requires_grad_() for _ in range(3))
+    out = dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2], mode=mode, is_causal=is_causal)
+    sdpa = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=is_causal)
+    assert out.shape == q.shape == sdpa.transpose(1, 2).shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, sdpa.transpose(1, 2))
+    for t, g in zip((q, k, v), torch.autograd.grad(out.sum(), (q, k, v))):
+        assert g.shape == t.shape
+    out_op, lse = OP(q, k, v, [8, 16], [1, 2], mode, is_causal)
+    z = torch.zeros(2, 20, 4, 1, dtype=torch.float64)
+    _, lse_zero_scores = OP(z, z, z, [8, 16], [1, 2], mode, is_causal)
+    assert out_op.shape == q.shape
+    torch.testing.assert_close(lse, lse_zero_scores)
+    torch.library.opcheck(OP.default, (q, k, v, [4, 8], [1, 2], mode, is_causal, None, 0.0, None))
+
+
+def call_both(**kw):
+    """The function and the op on one valid input (the same on every call), ``kw`` overriding
+    their arguments."""
+    t = torch.randn(2, 16, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = dict(segment_lengths=[8, 16], dilation_rates=[1, 2], mode="groups", is_causal=False, scale=None)
+    a.update(kw)
+    fn = lambda: dilated_ops.dilated_attention(t, t, t, a["segment_lengths"], a["dilation_rates"], mode=a["mode"],
+                                               is_causal=a["is_causal"], scale=a["scale"])
+    op = lambda: OP(t, t, t, a["segment_lengths"], a["dilation_rates"], a["mode"], a["is_causal"], a["scale"])[0]
+    return fn, op
+
+
+@pytest.mark.parametrize("value, shown", [("False", "'False'"), (None, "None"), (1, "1"), (0, "0")])
+def test_is_causal_must_be_a_bool(value, shown):
+    fn, op = call_both(is_causal=value)
+    with pytest.raises(TypeError) as info:
+        fn()
+    assert str(info.value) == f"is_causal must be a bool: got {shown}"
+
+
+def test_is_causal_string_given_to_the_op_is_refused_naming_it():
+    # The op's schema parses is_causal before any Python runs: its own error names the
+    # argument and the value (None and ints it converts, as it does for torch.ops.aten ops).
+    _, op = call_both(is_causal="False")
+    with pytest.raises(RuntimeError, match="argument 'is_causal'.*\n.*\nValue: 'False'"):
+        op()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_scale_must_be_finite(value):
+    for run in call_both(scale=value):
+        with pytest.raises(ValueError) as info:
+            run()
+        assert str(info.value) == f"scale must be a finite float or None: got {value!r}"
+
+
+def test_scale_bool_is_refused():
+    fn, _ = call_both(scale=True)
+    with pytest.raises(TypeError, match=r"^scale must be a float or None: got True$"):
+        fn()
+
+
+def test_numpy_scale_scalars_are_accepted_as_floats():
+    np = pytest.importorskip("numpy")
+    fn, op = call_both(scale=0.5)
+    want = fn()
+    for value in (np.float32(0.5), np.float64(0.5), np.float16(0.5)):
+        for run in call_both(scale=value):
+            torch.testing.assert_close(run(), want, rtol=0, atol=0)
+    torch.testing.assert_close(call_both(scale=1)[0](), call_both(scale=1.0)[0](), rtol=0, atol=0)
+
+
+def test_numpy_integer_segments_are_accepted_by_function_and_op():
+    np = pytest.importorskip("numpy")
+    want = call_both()[0]()
+    for segs, rates in (
+        ([np.int64(8), 16], [1, np.int32(2)]),
+        (np.array([8, 16]), (np.uint8(1), np.int16(2))),
+    ):
+        for run in call_both(segment_lengths=segs, dilation_rates=rates):
+            torch.testing.assert_close(run(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("segs, rates, name, shown", [
+    ([True, 16], [1, 2], "segment_lengths", "[True, 16]"),
+    ([8, 16], [1, False], "dilation_rates", "[1, False]"),
+    ([8, 16.0], [1, 2], "segment_lengths", "[8, 16.0]"),
+])
+def test_bools_and_floats_are_not_segment_ints(segs, rates, name, shown):
+    fn, _ = call_both(segment_lengths=segs, dilation_rates=rates)
+    with pytest.raises(TypeError) as info:
+        fn()
+    assert str(info.value) == f"{name} must be a list of positive ints: got {shown}"
+
+
+@pytest.mark.parametrize("w", [2**62, 2**31, 2**63 - 1])
+def test_too_long_segment_is_a_clear_error_in_function_op_and_fake_kernel(w):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    message = f"segment_lengths[1] ({w}) is too large: at most 2**31 - 1 (2147483647)"
+    for run in call_both(segment_lengths=[8, w], dilation_rates=[1, 1]):
+        with pytest.raises(ValueError) as info:
+            run()
+        assert str(info.value) == message
+    with FakeTensorMode():
+        t = torch.empty(2, 16, 4, 8)
+        with pytest.raises(ValueError) as info:
+            OP(t, t, t, [8, w], [1, 1])
+    assert str(info.value) == message
+    # The largest allowed length still runs (one partial segment).
+    q = rand(1, 16, 2, 8)
+    ref = dilated_attention_reference(q, q, q, [16], [1])
+    assert (dilated_ops.dilated_attention(q, q, q, [2**31 - 1], [1]) - ref).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("seed, exc, message", [
+    (torch.tensor([1, 2]), ValueError, "dropout_seed must be a one-element int64 tensor: got shape (2,)"),
+    (torch.tensor(1.5), TypeError, "dropout_seed must be a one-element int64 tensor: got torch.float32 of shape ()"),
+    (torch.tensor([3], dtype=torch.int32), TypeError,
+     "dropout_seed must be a one-element int64 tensor: got torch.int32 of shape (1,)"),
+])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_dropout_seed_of_the_wrong_shape_or_dtype(seed, exc, message, dropout_p):
+    q = rand(1, 12, 3, 4)
+    with pytest.raises(exc) as info:
+        OP(q, q, q, [4, 8], [1, 2], "groups", False, None, dropout_p, seed)
+    assert str(info.value) == message
+    if dropout_p:  # the backward op reads it too
+        out, lse = OP(q, q, q, [4, 8], [1, 2], "groups", False, None, dropout_p, torch.tensor(7))
+        with pytest.raises(exc) as info:
+            torch.ops.dilated.dilated_attention_backward(q, q, q, q, out, lse, [4, 8], [1, 2], "groups", False,
+                                                         None, dropout_p, seed)
+        assert str(info.value) == message
+    # A one-element int64 seed of any shape is fine.
+    OP(q, q, q, [4, 8], [1, 2], "groups", False, None, dropout_p, torch.tensor([[5]]))

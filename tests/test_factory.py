@@ -205,3 +205,54 @@ def test_readme_carries_the_capability_table():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert factory.implementations_table() in readme
+
+
+# --- issue 18, item 4: device and dtype name themselves --------------------------------------
+
+@pytest.mark.parametrize("name", ["standard", "auto"])
+@pytest.mark.parametrize("device, shown", [
+    ("cuda", "'cuda'"), ("cuda:1", "'cuda:1'"), (torch.device("cuda", 0), "torch.device('cuda:0')"),
+])
+def test_cuda_device_without_cuda_is_a_clear_error(machine, name, device, shown):
+    machine(cuda=False)
+    with pytest.raises(ValueError) as info:
+        create_multihead_dilated_attention(name, **MH, **SEGS, device=device)
+    assert str(info.value) == f"device {shown} is not available: torch.cuda.is_available() is False"
+
+
+def test_cuda_device_passes_the_check_where_cuda_is_available(machine):
+    from dilated_ops import _checks
+
+    machine(cuda=True)
+    _checks.check_device("cuda")
+    _checks.check_device(torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("device, exc, start", [
+    ("gpu", ValueError, "device must be a valid torch.device: got 'gpu' ("),
+    (1.5, TypeError, "device must be a torch.device, a device string, an int or None: got 1.5"),
+    (True, TypeError, "device must be a torch.device, a device string, an int or None: got True"),
+])
+def test_malformed_device_names_the_argument(machine, device, exc, start):
+    with pytest.raises(exc) as info:
+        create_multihead_dilated_attention("standard", **MH, **SEGS, device=device)
+    assert str(info.value).startswith(start)
+
+
+@pytest.mark.parametrize("dtype, shown", [
+    (torch.int64, "torch.int64"), (torch.bool, "torch.bool"), (torch.complex64, "torch.complex64"),
+    ("float32", "'float32'"), (float, "<class 'float'>"),
+])
+def test_dtype_must_be_a_floating_torch_dtype(machine, dtype, shown):
+    with pytest.raises(TypeError) as info:
+        create_multihead_dilated_attention("standard", **MH, **SEGS, dtype=dtype)
+    assert str(info.value) == (
+        "dtype must be a floating point torch.dtype (torch.float16, torch.bfloat16, torch.float32 or "
+        f"torch.float64) or None: got {shown}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_floating_dtype_builds(machine, dtype):
+    m = create_multihead_dilated_attention("standard", **MH, **SEGS, dtype=dtype, device=torch.device("cpu"))
+    assert {p.dtype for p in m.parameters()} == {dtype}

@@ -45,7 +45,7 @@ def device_capability(device: torch.device):
 
 def select_backend(q: torch.Tensor, dropout_p: float, scale: float, is_causal: bool = False) -> str:
     """The attention kernel for one piece, q ``(batch*segments, heads, len, head_dim)``."""
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 or q.shape[-1] == 0:  # head_dim 0: out is empty, lse log(#keys)
         return "math"
     if q.device.type == "cpu":
         # PyTorch's CPU flash kernel returns NaN rows for causal attention with scale <= 0.
@@ -200,4 +200,8 @@ def backward(
 
 
 def default_scale(head_dim: int, scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    """``1 / sqrt(head_dim)`` unless given; for ``head_dim == 0`` (every score is 0 whatever the
+    scale, as in ``F.scaled_dot_product_attention``) 1.0, a finite stand-in for its inf."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0

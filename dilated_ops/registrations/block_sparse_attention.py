@@ -32,8 +32,9 @@ def check_arguments(q, k, v, pattern, block_size, local_window_size, global_toke
         _checks.check_block_mask(block_mask, q, block_size)
     elif block_mask is not None:
         raise ValueError(f"block_mask is only read with pattern 'mask': got pattern {pattern!r} and a block_mask")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None: got {scale!r}")
+    _checks.check_scale(scale)
+    if q.shape[-1] == 0:
+        raise ValueError(f"head_dim must be >= 1 for block_sparse_attention: got q of shape {tuple(q.shape)}")
 
 
 def _plan(q, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,

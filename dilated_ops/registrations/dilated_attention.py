@@ -25,6 +25,7 @@ from . import eager
 def _seed(dropout_p: float, dropout_seed: Optional[Tensor]) -> int:
     if dropout_p == 0.0:
         return 0
+    _checks.check_dropout_seed(dropout_seed)  # the backward op's seed is checked here only
     if dropout_seed is None:
         raise ValueError(
             "dropout_p > 0 needs dropout_seed (an int64 tensor); "
@@ -47,7 +48,10 @@ def dilated_attention_op(
     dropout_seed: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
-    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend)
+    # The schema has already converted what it accepts (numpy ints, bools given for ints or
+    # floats, None for is_causal): the checks see the values the kernels get.
+    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend,
+                               is_causal=is_causal, dropout_seed=dropout_seed)
     return dilated_attention_forward(
         q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p,
         _seed(dropout_p, dropout_seed), backend,
@@ -57,7 +61,8 @@ def dilated_attention_op(
 @dilated_attention_op.register_fake
 def dilated_attention_fake(q, k, v, segment_lengths, dilation_rates, mode="groups", is_causal=False,
                            scale=None, dropout_p=0.0, dropout_seed=None, backend="auto"):
-    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend)
+    _checks.check_dilated_args(q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend,
+                               is_causal=is_causal, dropout_seed=dropout_seed)
     b, n, h, d = q.shape
     out = empty_output(q)
     lse = q.new_empty(b, n, h, dtype=_attention.lse_dtype(q.dtype))
