@@ -704,3 +704,19 @@ def test_scale_is_causal_and_head_dim_checks_match_dilated_attention():
     e = q[..., :0]
     with pytest.raises(ValueError, match=r"head_dim must be >= 1 for block_sparse_attention: got q of shape \(1, 16, 2, 0\)"):
         dilated_ops.block_sparse_attention(e, e, e, p)
+
+
+def test_torch_func_grad_and_jacrev():
+    """Issue 18, item 3, for this variant: torch.func through the function, named pattern and
+    user mask."""
+    q, k, v = (x64(1, 8, 2, 4) for _ in range(3))
+    p = SparsePatternConfig("local_window", block_size=4, local_window_size=8)
+    layout = block_sparse.pattern_layout("local_window", 8, 2, 4, 8, 64, 0.1, (), (), True, torch.device("cpu"))
+    got = torch.func.grad(lambda x: dilated_ops.block_sparse_attention(x, k, v, p, is_causal=True).square().sum())(q)
+    want = torch.func.grad(lambda x: block_sparse_reference(x, k, v, layout, 4, True).square().sum())(q)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    mask = torch.tensor([[[True, False], [True, True]]])
+    cfg = SparsePatternConfig("mask", block_size=4)
+    jac = torch.func.jacrev(lambda x: dilated_ops.block_sparse_attention(x, k, v, cfg, block_mask=mask))(q)
+    jac_ref = torch.func.jacrev(lambda x: block_sparse_reference(x, k, v, mask, 4))(q)
+    torch.testing.assert_close(jac, jac_ref, rtol=1e-10, atol=1e-10)

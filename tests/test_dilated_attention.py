@@ -522,3 +522,47 @@ def test_dropout_seed_of_the_wrong_shape_or_dtype(seed, exc, message, dropout_p)
         assert str(info.value) == message
     # A one-element int64 seed of any shape is fine.
     OP(q, q, q, [4, 8], [1, 2], "groups", False, None, dropout_p, torch.tensor([[5]]))
+
+
+def _transform_cases():
+    q, k, v = (rand(2, 16, 3, 8) for _ in range(3))
+    ours = lambda q: dilated_ops.dilated_attention(q, k, v, [4, 8], [1, 2], is_causal=True)  # noqa: E731
+    ref = lambda q: dilated_attention_reference(q, k, v, [4, 8], [1, 2], is_causal=True)  # noqa: E731
+    return q, ours, ref
+
+
+def test_torch_func_grad_vjp_jacrev_vmap():
+    """Issue 18, item 3: torch.func transforms through the function (they failed with PyTorch's
+    "must override setup_context")."""
+    q, ours, ref = _transform_cases()
+    torch.testing.assert_close(torch.func.grad(lambda q: ours(q).square().sum())(q),
+                               torch.func.grad(lambda q: ref(q).square().sum())(q), rtol=1e-10, atol=1e-10)
+    out, pullback = torch.func.vjp(ours, q)
+    out_ref, pullback_ref = torch.func.vjp(ref, q)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(pullback(g)[0], pullback_ref(g)[0], rtol=1e-10, atol=1e-10)
+    small = q[:1, :8, :2, :4]
+    jac = torch.func.jacrev(lambda x: dilated_ops.dilated_attention(x, x, x, [4, 8], [1, 2]))(small)
+    jac_ref = torch.func.jacrev(lambda x: dilated_attention_reference(x, x, x, [4, 8], [1, 2]))(small)
+    torch.testing.assert_close(jac, jac_ref, rtol=1e-10, atol=1e-10)
+    batch = torch.stack([q, 2 * q])  # vmap over a leading dim: each slice as its own call
+    torch.testing.assert_close(torch.func.vmap(ours)(batch), torch.stack([ours(q), ours(2 * q)]))
+
+
+def test_torch_func_parameter_gradients_of_a_module():
+    m = dilated_ops.MultiheadDilatedAttention(16, 2, [1, 2], [4, 8], dtype=torch.float64)
+    x = rand(2, 12, 16)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(m, p, (x, x, x))[0].square().sum())(
+        dict(m.named_parameters()))
+    m(x, x, x)[0].square().sum().backward()
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_forward_mode_and_double_backward_are_clear_errors():
+    q, ours, _ = _transform_cases()
+    for transform in (torch.func.jacfwd, torch.func.hessian):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            transform(lambda x: ours(x).sum())(q)
+    with pytest.raises(NotImplementedError, match="dilated_ops.dilated_attention: double backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda y: ours(y).sum())(x).sum())(q)

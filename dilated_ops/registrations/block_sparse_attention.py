@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import _checks
 from ..kernels import block_sparse as _kernels
 from ..kernels.attention import default_scale, lse_dtype
-from . import eager
+from . import eager, transforms
 
 
 def check_arguments(q, k, v, pattern, block_size, local_window_size, global_tokens, sparsity_ratio, segment_lengths,
@@ -126,6 +126,9 @@ def _backward_kernels(ctx, grad_out, grad_lse):
 
 
 _EAGER = eager.Kernels(_forward_kernels, _setup_context, _backward_kernels)
+# torch.func transforms (grad, vjp, jacrev, vmap) through the public function: see .transforms.
+_TRANSFORMABLE = transforms.register("block_sparse_attention", block_sparse_attention_op, block_sparse_attention_backward_op,
+                                     _setup_context, 13)
 
 
 def call(q: Tensor, k: Tensor, v: Tensor, pattern: str, block_size: int, local_window_size: Optional[int],
@@ -134,5 +137,5 @@ def call(q: Tensor, k: Tensor, v: Tensor, pattern: str, block_size: int, local_w
     """``(out, lse)`` of the op on validated arguments (see :func:`eager.run`)."""
     args = (q, k, v, pattern, block_size, local_window_size, global_tokens, float(sparsity_ratio),
             list(segment_lengths), list(dilation_rates), is_causal, scale, block_mask)
-    return eager.run(block_sparse_attention_op, _EAGER, args, (q, k, v))
+    return eager.run(block_sparse_attention_op, _EAGER, args, (q, k, v), _TRANSFORMABLE)
 

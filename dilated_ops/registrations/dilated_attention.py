@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import _checks
 from ..kernels import attention as _attention
 from ..kernels.dilated import dilated_attention_backward, dilated_attention_forward, empty_output
-from . import eager
+from . import eager, transforms
 
 
 def _seed(dropout_p: float, dropout_seed: Optional[Tensor]) -> int:
@@ -130,6 +130,9 @@ def _backward_kernels(ctx, grad_out, grad_lse):
 
 
 _EAGER = eager.Kernels(_forward_kernels, _setup_context, _backward_kernels)
+# torch.func transforms (grad, vjp, jacrev, vmap) through the public function: see .transforms.
+_TRANSFORMABLE = transforms.register("dilated_attention", dilated_attention_op, dilated_attention_backward_op,
+                                     _setup_context, 11)
 
 
 def call(q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int], mode: str,
@@ -138,4 +141,4 @@ def call(q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_r
     """``(out, lse)`` of the op on validated arguments: the op node where one is being recorded,
     else its kernels directly (:func:`eager.run`)."""
     args = (q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, dropout_seed, backend)
-    return eager.run(dilated_attention_op, _EAGER, args, (q, k, v))
+    return eager.run(dilated_attention_op, _EAGER, args, (q, k, v), _TRANSFORMABLE)
