@@ -11,7 +11,7 @@ from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
-from models import GPT, SelfMHA, assert_same_outputs_and_grads, call_targets, encoder, x64
+from models import GPT, SelfMHA, assert_same_outputs_and_grads, call_targets, encoder, x64, rel_err
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 
@@ -336,3 +336,39 @@ def test_float32_dense_branch_equals_original_every_route(route):
             params = {k.removeprefix("m."): v for k, v in rewritten.named_parameters()}
         assert_same_outputs_and_grads(model, rewritten, inputs, tol=1e-5, params=params, label=name)
         torch._dynamo.reset()
+
+
+def test_autocast_bfloat16_training_step_of_a_rewritten_encoder(monkeypatch):
+    """Issue 18's acceptance: a stock encoder through dilated_ops.backend trains a step under
+    torch.autocast("cpu", torch.bfloat16) (the op then runs in bfloat16 on the CPU): its
+    gradients are finite and those of the same rewritten model in float32 within bfloat16's
+    tolerance."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    x = torch.randn(2, N, 16)
+
+    from dilated_ops.registrations import dilated_attention as registration
+
+    seen = []  # the dtypes the op's kernels receive
+    forward = registration.dilated_attention_forward
+    monkeypatch.setattr(registration, "dilated_attention_forward",
+                        lambda q, *a: seen.append(q.dtype) or forward(q, *a))
+
+    def step(autocast: bool):
+        seen.clear()
+        torch._dynamo.reset()
+        model.zero_grad()
+        be = dilated_ops.backend([8, 16], [1, 2], inner="aot_eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = torch.compile(model, backend=be, fullgraph=True)(x)
+        out.float().square().mean().backward()
+        assert len(be.report.rewritten) == 2 and not be.report.refused
+        return set(seen), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    dtypes32, want = step(False)
+    dtypes16, got = step(True)
+    assert (dtypes32, dtypes16) == ({torch.float32}, {torch.bfloat16})
+    floor = 0.01 * max(g.norm() for g in want.values())
+    for name in want:
+        assert torch.isfinite(got[name]).all() and rel_err(got[name], want[name], floor=floor) < 5e-2, name
