@@ -45,7 +45,6 @@ FLEX = "flex"  # FlexAttention with a BlockMask of the block-sparse rows' layout
 DENSE = "dense"
 # Names users know from earlier versions of this command and of the removed benchmark script.
 ALIASES = {"block-sparse": "dilated-block_sparse", "op": "dilated-improved", "op-sdpa": "dilated-standard"}
-COMPILE_MODES = ("default", "reduce-overhead")
 PROFILES = ("kernels", "host")
 NOT_BUILT = "not built"
 

@@ -66,11 +66,11 @@ def run(op, kernels: Kernels, args: tuple, tensors: Sequence[Tensor], transforma
     """``op(*args)``, or on plain eager ``tensors`` the same computation through ``kernels``:
     with an autograd node when a tensor needs a gradient, else the forward kernels alone. Under
     ``torch.func`` transforms, ``transformable_function`` (:func:`.transforms.transformable`)."""
+    if plain(*tensors):  # the common case first: it is every eager call's host time
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _Eager.apply(kernels, *args)
+        return kernels.forward(*args)
     if (transformable_function is not None and not torch.compiler.is_compiling()
             and torch._C._functorch.peek_interpreter_stack() is not None):
         return transformable_function.apply(*args)
-    if not plain(*tensors):
-        return op(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _Eager.apply(kernels, *args)
-    return kernels.forward(*args)
+    return op(*args)
