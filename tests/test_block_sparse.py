@@ -720,3 +720,22 @@ def test_torch_func_grad_and_jacrev():
     jac = torch.func.jacrev(lambda x: dilated_ops.block_sparse_attention(x, k, v, cfg, block_mask=mask))(q)
     jac_ref = torch.func.jacrev(lambda x: block_sparse_reference(x, k, v, mask, 4))(q)
     torch.testing.assert_close(jac, jac_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_through_the_raw_op():
+    """Issue 18, item 3: torch.func through torch.ops.dilated.block_sparse_attention itself, and
+    forward-mode AD a clear error there (it dropped the tangent silently)."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (x64(2, 8, 3, 4) for _ in range(3))
+    layout = block_sparse.pattern_layout("local_window", 8, 3, 4, 8, 64, 0.1, (), (), True, torch.device("cpu"))
+    raw = lambda x: OP(x, k, v, "local_window", 4, 8, 64, 0.1, [], [], True)[0]  # noqa: E731
+    ref = lambda x: block_sparse_reference(x, k, v, layout, 4, True)  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(lambda x: raw(x).square().sum())(q),
+                               torch.func.grad(lambda x: ref(x).square().sum())(q), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.func.jacrev(raw)(q), torch.func.jacrev(ref)(q), rtol=1e-10, atol=1e-10)
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="through torch.ops.dilated.block_sparse_attention is"):
+            raw(fwAD.make_dual(q, torch.randn_like(q)))
+    with pytest.raises(NotImplementedError, match="dilated_ops.block_sparse_attention: double backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda y: raw(y).square().sum())(x).sum())(q)

@@ -559,6 +559,54 @@ def test_torch_func_parameter_gradients_of_a_module():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-10)
 
 
+def test_torch_func_through_the_raw_op():
+    """Issue 18, item 3, for ``torch.ops.dilated.dilated_attention`` itself: grad, vjp, jacrev and
+    vmap over grad failed with PyTorch's "must override setup_context" (the node torch.library
+    generates); forward-mode AD dropped the tangent silently."""
+    q, k, v = (rand(2, 16, 3, 8) for _ in range(3))
+    ours = lambda q: OP(q, k, v, [4, 8], [1, 2], "longnet", True)[0]  # noqa: E731
+    ref = lambda q: dilated_attention_reference(q, k, v, [4, 8], [1, 2], "longnet", is_causal=True)  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(lambda q: ours(q).square().sum())(q),
+                               torch.func.grad(lambda q: ref(q).square().sum())(q), rtol=1e-10, atol=1e-10)
+    out, pullback = torch.func.vjp(ours, q)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(pullback(g)[0], torch.func.vjp(ref, q)[1](g)[0], rtol=1e-10, atol=1e-10)
+    small = q[:1, :8, :2, :4]
+    raw = lambda x: OP(x, x, x, [4, 8], [1, 2])[0]  # noqa: E731
+    torch.testing.assert_close(torch.func.jacrev(raw)(small),
+                               torch.func.jacrev(lambda x: dilated_attention_reference(x, x, x, [4, 8], [1, 2]))(small),
+                               rtol=1e-10, atol=1e-10)
+    batch = torch.stack([q, 2 * q])
+    per_sample = torch.func.vmap(torch.func.grad(lambda q: ours(q).square().sum()))(batch)
+    torch.testing.assert_close(per_sample, torch.stack([torch.func.grad(lambda q: ref(q).square().sum())(x)
+                                                        for x in batch]), rtol=1e-10, atol=1e-10)
+    # plain autograd through the raw op is unchanged
+    leaf = q.clone().requires_grad_()
+    ours(leaf).square().sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.func.grad(lambda q: ref(q).square().sum())(q), rtol=1e-10, atol=1e-10)
+
+
+def test_raw_op_forward_mode_and_double_backward_are_clear_errors():
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (rand(1, 16, 2, 8) for _ in range(3))
+    raw = lambda x: OP(x, k, v, [4, 8], [1, 2])[0]  # noqa: E731
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD .* through torch.ops.dilated.dilated_attention is"):
+            raw(fwAD.make_dual(q, torch.randn_like(q)))
+    for transform in (torch.func.jacfwd, torch.func.hessian):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            transform(lambda x: raw(x).sum())(q)
+    # nested grad: each level records its own node of the op, so the outer one refuses (it
+    # returned zeros before the lower levels kept grad mode on)
+    with pytest.raises(NotImplementedError, match="dilated_ops.dilated_attention: double backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda y: raw(y).square().sum())(x).sum())(q)
+    leaf = q.clone().requires_grad_()
+    (g,) = torch.autograd.grad(raw(leaf).square().sum(), leaf, create_graph=True)
+    with pytest.raises(NotImplementedError, match="dilated_ops.dilated_attention: double backward"):
+        g.sum().backward()
+
+
 def test_torch_func_forward_mode_and_double_backward_are_clear_errors():
     q, ours, _ = _transform_cases()
     for transform in (torch.func.jacfwd, torch.func.hessian):

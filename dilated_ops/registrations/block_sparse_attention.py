@@ -126,9 +126,8 @@ def _backward_kernels(ctx, grad_out, grad_lse):
 
 
 _EAGER = eager.Kernels(_forward_kernels, _setup_context, _backward_kernels)
-# torch.func transforms (grad, vjp, jacrev, vmap) through the public function: see .transforms.
-_TRANSFORMABLE = transforms.register("block_sparse_attention", block_sparse_attention_op, block_sparse_attention_backward_op,
-                                     _setup_context, 13)
+# torch.func transforms (grad, vjp, jacrev, vmap) through the op, the functions and modules: see .transforms.
+transforms.register("block_sparse_attention", block_sparse_attention_op, block_sparse_attention_backward_op, _setup_context, _backward)
 
 
 def call(q: Tensor, k: Tensor, v: Tensor, pattern: str, block_size: int, local_window_size: Optional[int],
@@ -137,5 +136,5 @@ def call(q: Tensor, k: Tensor, v: Tensor, pattern: str, block_size: int, local_w
     """``(out, lse)`` of the op on validated arguments (see :func:`eager.run`)."""
     args = (q, k, v, pattern, block_size, local_window_size, global_tokens, float(sparsity_ratio),
             list(segment_lengths), list(dilation_rates), is_causal, scale, block_mask)
-    return eager.run(block_sparse_attention_op, _EAGER, args, (q, k, v), _TRANSFORMABLE)
+    return eager.run(block_sparse_attention_op, _EAGER, args, (q, k, v))
 

@@ -130,9 +130,8 @@ def _backward_kernels(ctx, grad_out, grad_lse):
 
 
 _EAGER = eager.Kernels(_forward_kernels, _setup_context, _backward_kernels)
-# torch.func transforms (grad, vjp, jacrev, vmap) through the public function: see .transforms.
-_TRANSFORMABLE = transforms.register("dilated_attention", dilated_attention_op, dilated_attention_backward_op,
-                                     _setup_context, 11)
+# torch.func transforms (grad, vjp, jacrev, vmap) through the op, the functions and modules: see .transforms.
+transforms.register("dilated_attention", dilated_attention_op, dilated_attention_backward_op, _setup_context, _backward)
 
 
 def call(q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int], mode: str,
@@ -141,4 +140,4 @@ def call(q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_r
     """``(out, lse)`` of the op on validated arguments: the op node where one is being recorded,
     else its kernels directly (:func:`eager.run`)."""
     args = (q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, dropout_seed, backend)
-    return eager.run(dilated_attention_op, _EAGER, args, (q, k, v), _TRANSFORMABLE)
+    return eager.run(dilated_attention_op, _EAGER, args, (q, k, v))

@@ -62,15 +62,11 @@ def has_tangent(*tensors: Tensor) -> bool:
     return any(isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def run(op, kernels: Kernels, args: tuple, tensors: Sequence[Tensor], transformable_function=None):
+def run(op, kernels: Kernels, args: tuple, tensors: Sequence[Tensor]):
     """``op(*args)``, or on plain eager ``tensors`` the same computation through ``kernels``:
-    with an autograd node when a tensor needs a gradient, else the forward kernels alone. Under
-    ``torch.func`` transforms, ``transformable_function`` (:func:`.transforms.transformable`)."""
+    with an autograd node when a tensor needs a gradient, else the forward kernels alone."""
     if plain(*tensors):  # the common case first: it is every eager call's host time
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _Eager.apply(kernels, *args)
         return kernels.forward(*args)
-    if (transformable_function is not None and not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None):
-        return transformable_function.apply(*args)
     return op(*args)
