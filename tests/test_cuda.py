@@ -316,7 +316,7 @@ def test_block_sparse_on_cuda_matches_reference(pattern, is_causal, dtype, tol):
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("block_size,d", [(16, 64), (64, 64), (128, 128), (32, 16)])
+@pytest.mark.parametrize("block_size,d", [(16, 64), (64, 64), (128, 64), (128, 128), (32, 16)])
 def test_block_sparse_triton_kernels_match_reference_and_opcheck(block_size, d, is_causal):
     """The Triton path (CUDA half types, these block and head sizes): a random per-head mask with
     an empty query block and a partial last block, against the reference; opcheck of the op."""

@@ -26,16 +26,21 @@ def supported(q: torch.Tensor, block_size: int) -> bool:
             and q.shape[-1] in HEAD_DIMS)
 
 
-# (num_warps, num_stages) of the forward and backward kernels per (block_size, head_dim): the
-# fastest of a sweep on an H200 at block 128, head_dim 64 and 128 (benchmarks/RESULTS.md); the
-# backward's larger tiles ran out of shared memory with more stages at head_dim 128.
-OPTIONS = {"fwd": lambda bs, d: (8, 3) if bs * d >= 128 * 128 else (4, 2),
-           "bwd": lambda bs, d: (8, 1) if bs * d >= 128 * 128 else (8 if bs >= 64 else 4, 3)}
+# Tiles (BLOCK_M queries x BLOCK_N keys, each dividing the layout's block), num_warps and
+# num_stages of the kernels per (block_size, head_dim): "fwd" the forward, "dkdv" the backward's
+# pass over key tiles (BLOCK_N keys each, query tiles of BLOCK_M), "dq" its pass over query
+# tiles. Chosen by a sweep on an H200 (benchmarks/RESULTS.md says which).
+OPTIONS = {
+    "fwd": lambda bs, d: (64, 64, 4, 3) if d <= 64 else (128, 64, 4, 2),
+    "dq": lambda bs, d: (64, 64, 4, 2) if d <= 64 else (128, 128, 8, 2),
+    "dkdv": lambda bs, d: (64, 64, 4, 3),
+}
 
 
-def _options(block_size: int, head_dim: int, kind: str = "fwd") -> dict:
-    warps, stages = OPTIONS[kind](block_size, head_dim)
-    return {"num_warps": warps, "num_stages": stages}
+def _options(block_size: int, head_dim: int, kind: str) -> dict:
+    block_m, block_n, warps, stages = OPTIONS[kind](block_size, head_dim)
+    return {"BLOCK_M": min(block_m, block_size), "BLOCK_N": min(block_n, block_size), "num_warps": warps,
+            "num_stages": stages}
 
 
 @triton.jit
@@ -51,40 +56,51 @@ def _put(P, b, h, pos, sb, sn, sh, offs_d, N, x):
 
 
 @triton.jit
-def _program(H, BS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """(block, batch, head, the block's positions, head_dim offsets) of this program."""
-    blk = tl.program_id(0)
+def _program(H, BS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(layout block, batch, head, this program's TILE positions, head_dim offsets): program 0
+    walks tiles of TILE positions, program 1 (batch, head) pairs."""
+    tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    return blk, bh // H, bh % H, blk * BS + tl.arange(0, BS), tl.arange(0, HEAD_DIM)
+    return tile // (BS // TILE), bh // H, bh % H, tile * TILE + tl.arange(0, TILE), tl.arange(0, HEAD_DIM)
+
+
+@triton.jit
+def _masked(i, j, start, SIZE: tl.constexpr, N, IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
+    """Whether the tile of query block ``i`` and key block ``j`` whose keys start at ``start``
+    needs a mask: it runs past N, or it is in the causal diagonal block. Neither can happen when
+    EVEN and not causal: no branch then."""
+    if IS_CAUSAL or not EVEN:
+        return (start + SIZE > N) | (IS_CAUSAL & (j == i))
+    return False
 
 
 @triton.jit
 def _fwd(Q, K, V, O, LSE, IDX, CNT,
          sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, slb, sln, slh,
          s_idx_h, s_idx_i, s_cnt_h, N, H, qk_scale,
-         HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
-    i, b, h, rows, offs_d = _program(H, BS, HEAD_DIM)
-    row_ok = rows < N
+         HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
+    """A tile of BLOCK_M queries of query block i: its active key blocks in tiles of BLOCK_N."""
+    i, b, h, rows, offs_d = _program(H, BS, BLOCK_M, HEAD_DIM)
+    SUB: tl.constexpr = BS // BLOCK_N
     q = _rows(Q, b, h, rows, sqb, sqn, sqh, offs_d, N)
     cnt = tl.load(CNT + h * s_cnt_h + i)
-    m_i = tl.full([BS], float("-inf"), tl.float32)
-    l_i = tl.zeros([BS], tl.float32)
-    acc = tl.zeros([BS, HEAD_DIM], tl.float32)
-    for t in range(cnt):
-        j = tl.load(IDX + h * s_idx_h + i * s_idx_i + t)
-        cols = j * BS + tl.arange(0, BS)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for t in range(cnt * SUB):
+        j = tl.load(IDX + h * s_idx_h + i * s_idx_i + t // SUB)
+        start = j * BS + (t % SUB) * BLOCK_N
+        cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         k = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         v = _rows(V, b, h, cols, svb, svn, svh, offs_d, N)
         qk = tl.dot(q, k) * qk_scale
-        # Only a partial last block and, when causal, the diagonal block need a mask; with
-        # neither possible (EVEN, not causal) there is no branch at all.
-        if IS_CAUSAL or not EVEN:
-            if ((j + 1) * BS > N) | (IS_CAUSAL & (j == i)):
-                keep = col_ok[None, :]
-                if IS_CAUSAL:
-                    keep = keep & (cols[None, :] <= rows[:, None])
-                qk = tl.where(keep, qk, float("-inf"))
+        if _masked(i, j, start, BLOCK_N, N, IS_CAUSAL, EVEN):
+            keep = col_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen no key yet keeps m = -inf: subtract 0 there, not -inf (NaN).
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -97,22 +113,20 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT,
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     _put(O, b, h, rows, sob, son, soh, offs_d, N, out)
-    tl.store(LSE + b * slb + h * slh + rows * sln, lse, mask=row_ok)
+    tl.store(LSE + b * slb + h * slh + rows * sln, lse, mask=rows < N)
 
 
 @triton.jit
-def _probs(q, k, i, j, rows, cols, lse2, qk_scale, N, BS: tl.constexpr, IS_CAUSAL: tl.constexpr,
-           EVEN: tl.constexpr):
-    """Softmax weights of the tile of query block ``i`` and key block ``j``:
-    ``exp2(q k^T qk_scale - lse2)``, 0 where masked (lse2: the rows' lse in log2 units, 0 for
-    rows that see no key). Rows past the sequence need no mask: their q, dO and delta are 0."""
+def _probs(q, k, rows, cols, lse2, qk_scale, masked, N, IS_CAUSAL: tl.constexpr):
+    """Softmax weights of a (queries ``rows``, keys ``cols``) tile: ``exp2(q k^T qk_scale -
+    lse2)``, 0 where masked (lse2: the rows' lse in log2 units, 0 for rows that see no key). Rows
+    past the sequence need no mask: their q, dO and delta are 0."""
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
-    if IS_CAUSAL or not EVEN:
-        if ((j + 1) * BS > N) | (IS_CAUSAL & (j == i)):
-            keep = cols[None, :] < N
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            p = tl.where(keep, p, 0.0)
+    if masked:
+        keep = cols[None, :] < N
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        p = tl.where(keep, p, 0.0)
     return p
 
 
@@ -123,60 +137,67 @@ def _rows_lse2(LSE, b, h, rows, slb, sln, slh, N):
 
 
 @triton.jit
-def _query_side(Q, DO, LSE, DELTA, b, h, rows, sqb, sqn, sqh, sdb, sdn, sdh, slb, sln, slh, offs_d, N):
-    """What the backward reads of a query block: q, dO, delta = rowsum(dO * O), lse in log2."""
+def _bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, CNT,
+            sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, sdb, sdn, sdh, slb, sln, slh,
+            s_idx_h, s_idx_i, s_cnt_h, N, H, scale, qk_scale,
+            HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
+    """A tile of BLOCK_M queries: delta = rowsum(dO * O), stored for :func:`_bwd_dkdv` (launched
+    after), and dQ over the active key blocks in tiles of BLOCK_N. DQ shares q's strides."""
+    i, b, h, rows, offs_d = _program(H, BS, BLOCK_M, HEAD_DIM)
+    SUB: tl.constexpr = BS // BLOCK_N
     q = _rows(Q, b, h, rows, sqb, sqn, sqh, offs_d, N)
     do = _rows(DO, b, h, rows, sdb, sdn, sdh, offs_d, N)
-    delta = tl.load(DELTA + b * slb + h * slh + rows * sln, mask=rows < N, other=0.0)
-    return q, do, delta, _rows_lse2(LSE, b, h, rows, slb, sln, slh, N)
+    o = _rows(O, b, h, rows, sob, son, soh, offs_d, N)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + b * slb + h * slh + rows * sln, delta, mask=rows < N)
+    lse2 = _rows_lse2(LSE, b, h, rows, slb, sln, slh, N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    cnt = tl.load(CNT + h * s_cnt_h + i)
+    for t in range(cnt * SUB):
+        j = tl.load(IDX + h * s_idx_h + i * s_idx_i + t // SUB)
+        start = j * BS + (t % SUB) * BLOCK_N
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _rows(K, b, h, cols, skb, skn, skh, offs_d, N)
+        v = _rows(V, b, h, cols, svb, svn, svh, offs_d, N)
+        p = _probs(q, k, rows, cols, lse2, qk_scale, _masked(i, j, start, BLOCK_N, N, IS_CAUSAL, EVEN), N,
+                   IS_CAUSAL)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    _put(DQ, b, h, rows, sqb, sqn, sqh, offs_d, N, dq * scale)
 
 
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, QCNT,
               sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh, slb, sln, slh,
               s_idx_h, s_idx_i, s_cnt_h, N, H, scale, qk_scale,
-              HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
-    """One key block: dK, dV over the query blocks that read it (``QIDX``: the transposed
-    layout's plan). dK/dV share k/v's strides; DO shares q's."""
-    j, b, h, cols, offs_d = _program(H, BS, HEAD_DIM)
+              HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
+    """A tile of BLOCK_N keys of key block j: dK, dV over the query blocks that read it
+    (``QIDX``: the transposed layout's plan) in tiles of BLOCK_M. dK/dV share k/v's strides; DO
+    shares q's."""
+    j, b, h, cols, offs_d = _program(H, BS, BLOCK_N, HEAD_DIM)
+    SUB: tl.constexpr = BS // BLOCK_M
     k = _rows(K, b, h, cols, skb, skn, skh, offs_d, N)
     v = _rows(V, b, h, cols, svb, svn, svh, offs_d, N)
-    dk = tl.zeros([BS, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BS, HEAD_DIM], tl.float32)
+    start = tl.program_id(0) * BLOCK_N  # of the key tile
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     cnt = tl.load(QCNT + h * s_cnt_h + j)
-    for t in range(cnt):
-        i = tl.load(QIDX + h * s_idx_h + j * s_idx_i + t)
-        rows = i * BS + tl.arange(0, BS)
-        q, do, delta, lse2 = _query_side(Q, DO, LSE, DELTA, b, h, rows, sqb, sqn, sqh, sdb, sdn, sdh, slb, sln, slh,
-                                         offs_d, N)
-        p = _probs(q, k, i, j, rows, cols, lse2, qk_scale, N, BS, IS_CAUSAL, EVEN)
+    for t in range(cnt * SUB):
+        i = tl.load(QIDX + h * s_idx_h + j * s_idx_i + t // SUB)
+        rows = i * BS + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _rows(Q, b, h, rows, sqb, sqn, sqh, offs_d, N)
+        do = _rows(DO, b, h, rows, sdb, sdn, sdh, offs_d, N)
+        delta = tl.load(DELTA + b * slb + h * slh + rows * sln, mask=rows < N, other=0.0)
+        lse2 = _rows_lse2(LSE, b, h, rows, slb, sln, slh, N)
+        p = _probs(q, k, rows, cols, lse2, qk_scale, _masked(i, j, start, BLOCK_N, N, IS_CAUSAL, EVEN), N,
+                   IS_CAUSAL)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     _put(DK, b, h, cols, skb, skn, skh, offs_d, N, dk * scale)
     _put(DV, b, h, cols, svb, svn, svh, offs_d, N, dv)
-
-
-@triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT,
-            sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh, slb, sln, slh,
-            s_idx_h, s_idx_i, s_cnt_h, N, H, scale, qk_scale,
-            HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
-    """One query block: dQ over its active key blocks. DQ shares q's strides."""
-    i, b, h, rows, offs_d = _program(H, BS, HEAD_DIM)
-    q, do, delta, lse2 = _query_side(Q, DO, LSE, DELTA, b, h, rows, sqb, sqn, sqh, sdb, sdn, sdh, slb, sln, slh,
-                                     offs_d, N)
-    dq = tl.zeros([BS, HEAD_DIM], tl.float32)
-    cnt = tl.load(CNT + h * s_cnt_h + i)
-    for t in range(cnt):
-        j = tl.load(IDX + h * s_idx_h + i * s_idx_i + t)
-        cols = j * BS + tl.arange(0, BS)
-        k = _rows(K, b, h, cols, skb, skn, skh, offs_d, N)
-        v = _rows(V, b, h, cols, svb, svn, svh, offs_d, N)
-        p = _probs(q, k, i, j, rows, cols, lse2, qk_scale, N, BS, IS_CAUSAL, EVEN)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    _put(DQ, b, h, rows, sqb, sqn, sqh, offs_d, N, dq * scale)
 
 
 def _plan_args(index: torch.Tensor, counts: torch.Tensor):
@@ -191,11 +212,12 @@ def forward(q, k, v, plan, block_size: int, is_causal: bool, scale: float):
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, n, h, dtype=torch.float32, device=q.device)
     idx, cnt, s_h, s_i, s_c = _plan_args(plan.index32, plan.counts)
-    grid = (plan.num_blocks, b * h)
+    opts = _options(block_size, d, "fwd")
+    grid = (triton.cdiv(n, opts["BLOCK_M"]), b * h)
     with _on(q):
         _fwd[grid](q, k, v, out, lse, idx, cnt, *_s(q), *_s(k), *_s(v), *_s(out), *lse.stride(), s_h, s_i, s_c,
                    n, h, scale * _LOG2E, HEAD_DIM=d, BS=block_size, IS_CAUSAL=is_causal, EVEN=n % block_size == 0,
-                   **_options(block_size, d))
+                   **opts)
     return out, lse
 
 
@@ -203,24 +225,27 @@ def backward(grad_out, q, k, v, out, lse, plan, block_size: int, is_causal: bool
     """``(dq, dk, dv)`` as :func:`dilated_ops.kernels.block_sparse.backward`."""
     b, n, h, d = q.shape
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO * O), (b, n, h)
+    out = out if out.stride(-1) == 1 else out.contiguous()
     lse = lse.contiguous()
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dq kernel, read by the dk/dv one
     dq = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, n, h, d, dtype=k.dtype, device=k.device)
     dv = torch.empty(b, n, h, d, dtype=v.dtype, device=v.device)
     # dk/dv are written with k's/v's strides, dq with q's: pass contiguous q, k, v alike.
     q, k, v = (t.contiguous() for t in (q, k, v))
-    opts = dict(HEAD_DIM=d, BS=block_size, IS_CAUSAL=is_causal, EVEN=n % block_size == 0,
-                **_options(block_size, d, "bwd"))
-    grid = (plan.num_blocks, b * h)
-    common = (*_s(q), *_s(k), *_s(v), *_s(grad_out), *lse.stride())
+    flags = dict(HEAD_DIM=d, BS=block_size, IS_CAUSAL=is_causal, EVEN=n % block_size == 0)
+    strides = (*_s(q), *_s(k), *_s(v))
     with _on(q):
-        qidx, qcnt, s_h, s_i, s_c = _plan_args(*plan.transposed())
-        _bwd_dkdv[grid](q, k, v, grad_out, lse, delta, dk, dv, qidx, qcnt, *common, s_h, s_i, s_c, n, h, scale,
-                        scale * _LOG2E, **opts)
+        opts = _options(block_size, d, "dq")
         idx, cnt, s_h, s_i, s_c = _plan_args(plan.index32, plan.counts)
-        _bwd_dq[grid](q, k, v, grad_out, lse, delta, dq, idx, cnt, *common, s_h, s_i, s_c, n, h, scale,
-                      scale * _LOG2E, **opts)
+        _bwd_dq[(triton.cdiv(n, opts["BLOCK_M"]), b * h)](
+            q, k, v, out, grad_out, lse, delta, dq, idx, cnt, *strides, *_s(out), *_s(grad_out), *lse.stride(),
+            s_h, s_i, s_c, n, h, scale, scale * _LOG2E, **flags, **opts)
+        opts = _options(block_size, d, "dkdv")
+        qidx, qcnt, s_h, s_i, s_c = _plan_args(*plan.transposed())
+        _bwd_dkdv[(triton.cdiv(n, opts["BLOCK_N"]), b * h)](
+            q, k, v, grad_out, lse, delta, dk, dv, qidx, qcnt, *strides, *_s(grad_out), *lse.stride(),
+            s_h, s_i, s_c, n, h, scale, scale * _LOG2E, **flags, **opts)
     return dq, dk, dv
 
 
