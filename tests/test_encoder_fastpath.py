@@ -10,7 +10,6 @@ from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
-from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 from models import call_targets
 

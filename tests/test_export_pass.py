@@ -1,7 +1,6 @@
 """The ATen-level pass over torch.export programs (dilated_ops.rewrite_exported, and
 dilated_ops.export, which runs it after module swapping): aten.scaled_dot_product_attention
 nodes become torch.ops.dilated.dilated_attention between transposes."""
-import copy
 import subprocess
 import sys
 

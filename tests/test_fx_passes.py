@@ -2,7 +2,6 @@
 becomes torch.ops.dilated.dilated_attention, and the rewritten model equals the original (one
 dense branch) or the hand-built dilated math (a real dilated config)."""
 import copy
-import operator
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from torch import nn
 
 import dilated_ops
 from models import GPT, SelfMHA, assert_same_outputs_and_grads, call_targets, encoder, x64, rel_err
-from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 
 D64 = torch.float64

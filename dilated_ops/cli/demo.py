@@ -304,7 +304,7 @@ def run(args, out=None) -> dict:
         f"tolerance {tol:g}); total time {total:.0f} s")
     if args.out is None:
         shutil.rmtree(out_dir, ignore_errors=True)
-        say(f"  (files were in a temporary directory, now removed; pass --out DIR to keep the .pt2)")
+        say("  (files were in a temporary directory, now removed; pass --out DIR to keep the .pt2)")
     return {"dilated_accuracy": dilated.accuracy,
             "baseline_accuracy": runs[1].accuracy if len(runs) > 1 else None,
             "reloaded_accuracy": reloaded["accuracy"], "max_abs_diff": reloaded["max_abs_diff"],

@@ -104,8 +104,9 @@ def route_raw_op(name: str, setup_context: Callable, backward: Callable, num_ten
     def kernel(keyset, *args):
         if has_tangent(*args[:num_tensors]):
             raise NotImplementedError(
-                f"dilated_ops: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, jacfwd, hessian) "
-                f"through torch.ops.dilated.{name} is not supported; use reverse mode (torch.func.grad, vjp, jacrev)"
+                f"dilated_ops.{name.removesuffix('_backward')}: forward-mode AD (torch.autograd.forward_ad, "
+                f"torch.func.jvp, jacfwd, hessian) is not supported (reached torch.ops.dilated.{name}); use "
+                "reverse mode (torch.func.grad, vjp, jacrev)"
             )
         below = keyset & torch._C._after_autograd_keyset
         if not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
