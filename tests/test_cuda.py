@@ -344,3 +344,35 @@ def test_block_sparse_triton_kernels_match_reference_and_opcheck(block_size, d, 
         assert not got.isnan().any() and rel(got, want) < 2e-2
     torch.library.opcheck(torch.ops.dilated.block_sparse_attention.default,
                           (q, k, v, "mask", block_size, None, 0, 0.1, [], [], is_causal, None, mask))
+
+
+@pytest.mark.parametrize("layout_kind", ["contiguous", "fused_qkv", "transposed"])
+def test_block_sparse_tma_and_pointer_loads_agree(monkeypatch, layout_kind):
+    """On Hopper the Triton kernels load through TMA descriptors where the tensors allow it
+    (contiguous, or rows of a fused qkv projection), else through pointers: both give the same
+    outputs and gradients, partial last block and batch > 1 included (TMA reads the next batch's
+    rows past the end of a sequence; the kernels must mask them)."""
+    from dilated_ops.kernels import triton_block_sparse
+
+    b, n, h, d, bs = 3, 4 * 128 - 37, 5, 64, 128
+    if layout_kind == "fused_qkv":
+        qkv = torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.bfloat16)
+        q, k, v = qkv.unbind(2)
+    elif layout_kind == "transposed":
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    expect_tma = layout_kind != "transposed" and torch.cuda.get_device_capability() >= (9, 0)
+    assert triton_block_sparse._use_tma(q, k, v) == expect_tma
+    cfg = dilated_ops.SparsePatternConfig("local_window", block_size=bs, local_window_size=256)
+    g = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DILATED_OPS_TMA", flag)
+        for is_causal in (False, True):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out = dilated_ops.block_sparse_attention(*leaves, cfg, is_causal=is_causal)
+            results.append((out, *torch.autograd.grad(out, leaves, g)))
+    for with_tma, with_pointers in zip(results[:2], results[2:]):
+        for a, c in zip(with_tma, with_pointers):
+            assert not a.isnan().any() and rel(a, c) < 1e-3

@@ -1,7 +1,8 @@
 """Triton kernels of block-sparse attention (SPEC section 4) for CUDA float16/bfloat16: the
-forward and the backward (one kernel for dK/dV per key block, one for dQ per query block), each
-program walking only the active blocks of its row or column of the layout, FlashAttention-2
-style (online softmax, scores never stored).
+forward and the backward (one kernel for dK/dV over tiles of key blocks, one for dQ over tiles
+of query blocks), each program walking only the active blocks of its row or column of the
+layout, FlashAttention-2 style (online softmax, scores never stored). On Hopper and newer the
+tiles a program walks come through TMA descriptors (:func:`_use_tma`).
 
 q, k, v, out ``(batch, seq, heads, head_dim)`` with a unit stride on head_dim, lse and delta
 ``(batch, seq, heads)`` float32. A plan (:class:`dilated_ops.kernels.block_sparse.Plan`) gives,
@@ -11,10 +12,18 @@ where it applies (:func:`supported`), so CPU installs need no Triton.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .attention import device_capability
+
+try:  # Triton >= 3.4; TMA loads need a Hopper GPU or newer
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 _LOG2E = 1.4426950408889634
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -50,6 +59,19 @@ def _rows(P, b, h, pos, sb, sn, sh, offs_d, N):
 
 
 @triton.jit
+def _tile(P, b, h, first, pos, sb, sn, sh, offs_d, N, SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+          TMA: tl.constexpr):
+    """The ``(SIZE, HEAD_DIM)`` tile of positions ``pos`` (``first`` the first of them) of
+    (batch b, head h). From pointer ``P``: 0 past N. Where TMA, through descriptor ``P`` over the
+    ``(batch * seq, heads * head_dim)`` view: past N come the next batch's first rows (finite;
+    the callers mask them) or 0 at the end."""
+    if TMA:
+        return P.load([(b * N + first).to(tl.int32), (h * HEAD_DIM).to(tl.int32)])
+    else:
+        return _rows(P, b, h, pos, sb, sn, sh, offs_d, N)
+
+
+@triton.jit
 def _put(P, b, h, pos, sb, sn, sh, offs_d, N, x):
     tl.store(P + b * sb + h * sh + pos[:, None] * sn + offs_d[None, :], x.to(P.dtype.element_ty),
              mask=(pos < N)[:, None])
@@ -79,11 +101,12 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT,
          sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, slb, sln, slh,
          s_idx_h, s_idx_i, s_cnt_h, N, H, qk_scale,
          HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-         IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
-    """A tile of BLOCK_M queries of query block i: its active key blocks in tiles of BLOCK_N."""
+         IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr):
+    """A tile of BLOCK_M queries of query block i: its active key blocks in tiles of BLOCK_N.
+    Q, K, V: TMA descriptors where TMA, else pointers."""
     i, b, h, rows, offs_d = _program(H, BS, BLOCK_M, HEAD_DIM)
     SUB: tl.constexpr = BS // BLOCK_N
-    q = _rows(Q, b, h, rows, sqb, sqn, sqh, offs_d, N)
+    q = _tile(Q, b, h, tl.program_id(0) * BLOCK_M, rows, sqb, sqn, sqh, offs_d, N, BLOCK_M, HEAD_DIM, TMA)
     cnt = tl.load(CNT + h * s_cnt_h + i)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -93,9 +116,13 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT,
         start = j * BS + (t % SUB) * BLOCK_N
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        k = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        v = _rows(V, b, h, cols, svb, svn, svh, offs_d, N)
-        qk = tl.dot(q, k) * qk_scale
+        if TMA:
+            qk = tl.dot(q, tl.trans(_tile(K, b, h, start, cols, skb, skn, skh, offs_d, N, BLOCK_N, HEAD_DIM, TMA)))
+        else:  # K^T straight from memory
+            qk = tl.dot(q, tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None],
+                                   mask=col_ok[None, :], other=0.0))
+        v = _tile(V, b, h, start, cols, svb, svn, svh, offs_d, N, BLOCK_N, HEAD_DIM, TMA)
+        qk = qk * qk_scale
         if _masked(i, j, start, BLOCK_N, N, IS_CAUSAL, EVEN):
             keep = col_ok[None, :]
             if IS_CAUSAL:
@@ -141,9 +168,10 @@ def _bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, CNT,
             sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, sdb, sdn, sdh, slb, sln, slh,
             s_idx_h, s_idx_i, s_cnt_h, N, H, scale, qk_scale,
             HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
+            IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr):
     """A tile of BLOCK_M queries: delta = rowsum(dO * O), stored for :func:`_bwd_dkdv` (launched
-    after), and dQ over the active key blocks in tiles of BLOCK_N. DQ shares q's strides."""
+    after), and dQ over the active key blocks in tiles of BLOCK_N. DQ shares q's strides. K, V:
+    TMA descriptors where TMA, else pointers."""
     i, b, h, rows, offs_d = _program(H, BS, BLOCK_M, HEAD_DIM)
     SUB: tl.constexpr = BS // BLOCK_N
     q = _rows(Q, b, h, rows, sqb, sqn, sqh, offs_d, N)
@@ -158,8 +186,8 @@ def _bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, CNT,
         j = tl.load(IDX + h * s_idx_h + i * s_idx_i + t // SUB)
         start = j * BS + (t % SUB) * BLOCK_N
         cols = start + tl.arange(0, BLOCK_N)
-        k = _rows(K, b, h, cols, skb, skn, skh, offs_d, N)
-        v = _rows(V, b, h, cols, svb, svn, svh, offs_d, N)
+        k = _tile(K, b, h, start, cols, skb, skn, skh, offs_d, N, BLOCK_N, HEAD_DIM, TMA)
+        v = _tile(V, b, h, start, cols, svb, svn, svh, offs_d, N, BLOCK_N, HEAD_DIM, TMA)
         p = _probs(q, k, rows, cols, lse2, qk_scale, _masked(i, j, start, BLOCK_N, N, IS_CAUSAL, EVEN), N,
                    IS_CAUSAL)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
@@ -172,10 +200,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, QCNT,
               sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh, slb, sln, slh,
               s_idx_h, s_idx_i, s_cnt_h, N, H, scale, qk_scale,
               HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr):
+              IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr):
     """A tile of BLOCK_N keys of key block j: dK, dV over the query blocks that read it
     (``QIDX``: the transposed layout's plan) in tiles of BLOCK_M. dK/dV share k/v's strides; DO
-    shares q's."""
+    shares q's. Q, DO: TMA descriptors where TMA, else pointers."""
     j, b, h, cols, offs_d = _program(H, BS, BLOCK_N, HEAD_DIM)
     SUB: tl.constexpr = BS // BLOCK_M
     k = _rows(K, b, h, cols, skb, skn, skh, offs_d, N)
@@ -186,9 +214,13 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QIDX, QCNT,
     cnt = tl.load(QCNT + h * s_cnt_h + j)
     for t in range(cnt * SUB):
         i = tl.load(QIDX + h * s_idx_h + j * s_idx_i + t // SUB)
-        rows = i * BS + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _rows(Q, b, h, rows, sqb, sqn, sqh, offs_d, N)
-        do = _rows(DO, b, h, rows, sdb, sdn, sdh, offs_d, N)
+        first = i * BS + (t % SUB) * BLOCK_M
+        rows = first + tl.arange(0, BLOCK_M)
+        q = _tile(Q, b, h, first, rows, sqb, sqn, sqh, offs_d, N, BLOCK_M, HEAD_DIM, TMA)
+        do = _tile(DO, b, h, first, rows, sdb, sdn, sdh, offs_d, N, BLOCK_M, HEAD_DIM, TMA)
+        if TMA and not EVEN:  # rows past the sequence must add nothing: zero them as pointer loads do
+            q = tl.where((rows < N)[:, None], q, 0.0)
+            do = tl.where((rows < N)[:, None], do, 0.0)
         delta = tl.load(DELTA + b * slb + h * slh + rows * sln, mask=rows < N, other=0.0)
         lse2 = _rows_lse2(LSE, b, h, rows, slb, sln, slh, N)
         p = _probs(q, k, rows, cols, lse2, qk_scale, _masked(i, j, start, BLOCK_N, N, IS_CAUSAL, EVEN), N,
@@ -206,6 +238,29 @@ def _plan_args(index: torch.Tensor, counts: torch.Tensor):
     return index, counts, (0 if shared else index.stride(0)), index.stride(1), (0 if shared else counts.stride(0))
 
 
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels load these tensors through TMA descriptors: Triton has them, the GPU
+    is a Hopper or newer, and each tensor is a ``(batch * seq, heads * head_dim)`` matrix as TMA
+    takes it (16-byte aligned, row stride a multiple of 16 bytes). ``DILATED_OPS_TMA=0`` turns
+    them off."""
+    t = tensors[0]
+    if (TensorDescriptor is None or not t.is_cuda or os.environ.get("DILATED_OPS_TMA", "1") == "0"
+            or device_capability(t.device) < (9, 0)):
+        return False
+    return all(x.data_ptr() % 16 == 0 and x.stride(3) == 1 and x.stride(2) == x.shape[3]
+               and (x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1))
+               and (x.stride(1) * x.element_size()) % 16 == 0 for x in tensors)
+
+
+def _desc(t: torch.Tensor, rows: int, tma: bool):
+    """``t`` as a kernel loads it: where ``tma``, a TMA descriptor over its ``(batch * seq, heads
+    * head_dim)`` view whose block is ``rows`` positions of one head; else the tensor itself."""
+    if not tma:
+        return t
+    b, n, h, d = t.shape
+    return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d])
+
+
 def forward(q, k, v, plan, block_size: int, is_causal: bool, scale: float):
     """``(out, lse)`` as :func:`dilated_ops.kernels.block_sparse.forward`."""
     b, n, h, d = q.shape
@@ -214,10 +269,12 @@ def forward(q, k, v, plan, block_size: int, is_causal: bool, scale: float):
     idx, cnt, s_h, s_i, s_c = _plan_args(plan.index32, plan.counts)
     opts = _options(block_size, d, "fwd")
     grid = (triton.cdiv(n, opts["BLOCK_M"]), b * h)
+    tma = _use_tma(q, k, v)
+    qd, kd, vd = _desc(q, opts["BLOCK_M"], tma), _desc(k, opts["BLOCK_N"], tma), _desc(v, opts["BLOCK_N"], tma)
     with _on(q):
-        _fwd[grid](q, k, v, out, lse, idx, cnt, *_s(q), *_s(k), *_s(v), *_s(out), *lse.stride(), s_h, s_i, s_c,
+        _fwd[grid](qd, kd, vd, out, lse, idx, cnt, *_s(q), *_s(k), *_s(v), *_s(out), *lse.stride(), s_h, s_i, s_c,
                    n, h, scale * _LOG2E, HEAD_DIM=d, BS=block_size, IS_CAUSAL=is_causal, EVEN=n % block_size == 0,
-                   **opts)
+                   TMA=tma, **opts)
     return out, lse
 
 
@@ -233,19 +290,22 @@ def backward(grad_out, q, k, v, out, lse, plan, block_size: int, is_causal: bool
     dv = torch.empty(b, n, h, d, dtype=v.dtype, device=v.device)
     # dk/dv are written with k's/v's strides, dq with q's: pass contiguous q, k, v alike.
     q, k, v = (t.contiguous() for t in (q, k, v))
-    flags = dict(HEAD_DIM=d, BS=block_size, IS_CAUSAL=is_causal, EVEN=n % block_size == 0)
+    tma = _use_tma(q, k, v, grad_out)
+    flags = dict(HEAD_DIM=d, BS=block_size, IS_CAUSAL=is_causal, EVEN=n % block_size == 0, TMA=tma)
     strides = (*_s(q), *_s(k), *_s(v))
     with _on(q):
-        opts = _options(block_size, d, "dq")
+        opts = _options(block_size, d, "dq")  # K, V walked: through TMA where it applies
         idx, cnt, s_h, s_i, s_c = _plan_args(plan.index32, plan.counts)
         _bwd_dq[(triton.cdiv(n, opts["BLOCK_M"]), b * h)](
-            q, k, v, out, grad_out, lse, delta, dq, idx, cnt, *strides, *_s(out), *_s(grad_out), *lse.stride(),
-            s_h, s_i, s_c, n, h, scale, scale * _LOG2E, **flags, **opts)
-        opts = _options(block_size, d, "dkdv")
+            q, _desc(k, opts["BLOCK_N"], tma), _desc(v, opts["BLOCK_N"], tma), out, grad_out, lse, delta, dq, idx,
+            cnt, *strides, *_s(out), *_s(grad_out), *lse.stride(), s_h, s_i, s_c, n, h, scale, scale * _LOG2E,
+            **flags, **opts)
+        opts = _options(block_size, d, "dkdv")  # Q, dO walked
         qidx, qcnt, s_h, s_i, s_c = _plan_args(*plan.transposed())
         _bwd_dkdv[(triton.cdiv(n, opts["BLOCK_N"]), b * h)](
-            q, k, v, grad_out, lse, delta, dk, dv, qidx, qcnt, *strides, *_s(grad_out), *lse.stride(),
-            s_h, s_i, s_c, n, h, scale, scale * _LOG2E, **flags, **opts)
+            _desc(q, opts["BLOCK_M"], tma), k, v, _desc(grad_out, opts["BLOCK_M"], tma), lse, delta, dk, dv, qidx,
+            qcnt, *strides, *_s(grad_out), *lse.stride(), s_h, s_i, s_c, n, h, scale, scale * _LOG2E,
+            **flags, **opts)
     return dq, dk, dv
 
 
