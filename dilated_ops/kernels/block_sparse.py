@@ -200,6 +200,16 @@ class _Blocks:
         out.scatter_add_(2, self.flat[None, :, :, None].expand(b, h, -1, self.bs * d), g)
         return out.view(b, h, nb, self.bs, d)
 
+    def sdpa(self, t):  # (B, H, nb, rows, D) -> (B, H*nb, rows, D): SDPA's (batch, heads, seq, dim)
+        return t.reshape(t.shape[0], -1, *t.shape[3:])
+
+    def sdpa_mask(self, dtype):
+        """The additive mask ``(1, H*nb, 1 or bs, kmax*bs)`` of the SDPA layout (the CPU flash
+        kernel takes no boolean one), and its rows that see no key ``(1, H*nb, 1 or bs)``."""
+        keep = self.keep.reshape(1, -1, *self.keep.shape[2:])
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf")), \
+            ~keep.any(-1)
+
     def probs(self, scale: float, lse=None):
         """``(p, lse)``: the softmax weights ``(B, H, nb, bs, kmax*bs)`` (0 where masked, all 0
         for a query with no visible key) and the log-sum-exp ``(B, H, nb, bs)``."""
@@ -244,6 +254,8 @@ def forward(q, k, v, plan: Plan, block_size: int, is_causal: bool, scale: float)
         return triton_kernels.forward(_unit_last(q), _unit_last(k), _unit_last(v), plan, block_size, is_causal, scale)
     ct = _compute_dtype(q.dtype)
     x = _Blocks(q.to(ct), k.to(ct), v.to(ct), plan.index, plan.valid, block_size, is_causal)
+    if q.device.type == "cpu":
+        return _cpu_forward(x, scale, q.dtype)
     p, lse = x.probs(scale)
     return x.unblocks(p @ x.vg).to(q.dtype).contiguous(), x.unblocks(lse).contiguous()
 
@@ -257,6 +269,8 @@ def backward(grad_out, q, k, v, out, lse, plan: Plan, block_size: int, is_causal
         return triton_kernels.backward(grad_out, q, k, v, out, lse, plan, block_size, is_causal, scale)
     ct = _compute_dtype(q.dtype)
     x = _Blocks(q.to(ct), k.to(ct), v.to(ct), plan.index, plan.valid, block_size, is_causal)
+    if q.device.type == "cpu":
+        return _cpu_backward(x, grad_out, out, lse, scale, (q.dtype, k.dtype, v.dtype))
     p, _ = x.probs(scale, x.blocks(lse[..., None].to(ct)).squeeze(-1))
     do = x.blocks(grad_out.to(ct))
     delta = (do * x.blocks(out.to(ct))).sum(-1, keepdim=True)  # rowsum(dO * O)
@@ -265,3 +279,35 @@ def backward(grad_out, q, k, v, out, lse, plan: Plan, block_size: int, is_causal
     dk = x.unblocks(x.scatter(ds.transpose(-1, -2) @ x.qb))
     dv = x.unblocks(x.scatter(p.transpose(-1, -2) @ do))
     return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+# On the CPU the gathered blocks go through PyTorch's flash attention kernel (one fused pass per
+# query block, an additive mask for the padding, the sequence's end and the causal diagonal)
+# instead of the explicit softmax of the CUDA fallback: benchmarks/RESULTS.md has both.
+
+
+def _cpu_forward(x: _Blocks, scale: float, dtype: torch.dtype):
+    mask, empty = x.sdpa_mask(x.qb.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        x.sdpa(x.qb), x.sdpa(x.kg), x.sdpa(x.vg), 0.0, False, attn_mask=mask, scale=scale)
+    # A query that sees no key: the kernel's row is not finite; the op's is 0 with lse -inf.
+    out = out.masked_fill(empty[..., None], 0.0)
+    lse = lse.masked_fill(empty, float("-inf"))
+    b, h, nb, bs = x.qb.shape[:4]
+    return (x.unblocks(out.view(b, h, nb, bs, -1)).to(dtype).contiguous(),
+            x.unblocks(lse.view(b, h, nb, bs)).contiguous())
+
+
+def _cpu_backward(x: _Blocks, grad_out, out, lse, scale: float, dtypes):
+    ct = x.qb.dtype
+    mask, _ = x.sdpa_mask(ct)
+    lse = x.sdpa(x.blocks(lse[..., None]).squeeze(-1))
+    # A query that sees no key has lse -inf: +inf there makes its weights exp(-inf - inf) = 0.
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    dq, dkg, dvg = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        x.sdpa(x.blocks(grad_out.to(ct))), x.sdpa(x.qb), x.sdpa(x.kg), x.sdpa(x.vg), x.sdpa(x.blocks(out.to(ct))),
+        lse, 0.0, False, attn_mask=mask, scale=scale)
+    b, h, nb, bs = x.qb.shape[:4]
+    grads = (x.unblocks(dq.view(b, h, nb, bs, -1)),
+             x.unblocks(x.scatter(dkg.view(*x.kg.shape))), x.unblocks(x.scatter(dvg.view(*x.vg.shape))))
+    return tuple(g.to(dt).contiguous() for g, dt in zip(grads, dtypes))
