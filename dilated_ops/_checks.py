@@ -206,7 +206,7 @@ def check_num_groups(num_heads: int, num_groups: int) -> None:
 
 def check_dilated_args(
     q, k, v, segment_lengths, dilation_rates, mode, scale: Optional[float], dropout_p,
-    backend: str = "auto", *, is_causal=False, dropout_seed=None,
+    backend: str = "auto", *, is_causal=False, dropout_seed=None, head_start=0, total_heads=0,
 ) -> Tuple[List[int], List[int], Optional[float]]:
     """Everything :func:`dilated_attention` and the op take, checked in SPEC section 1's terms.
     Returns ``(segment_lengths, dilation_rates, scale)`` as Python ints and float (numpy
@@ -220,9 +220,23 @@ def check_dilated_args(
     check_dropout_seed(dropout_seed)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or 'sdpa': got {backend!r}")
+    check_head_window(q.shape[2], head_start, total_heads)
     if mode == "groups":
-        check_num_groups(q.shape[2], len(segment_lengths))
+        check_num_groups(total_heads or q.shape[2], len(segment_lengths))
     return segment_lengths, dilation_rates, scale
+
+
+def check_head_window(num_heads: int, head_start, total_heads) -> None:
+    """q's ``num_heads`` heads as heads ``[head_start, head_start + num_heads)`` of a
+    ``total_heads``-head call (0: the call's own heads)."""
+    for name, value in (("head_start", head_start), ("total_heads", total_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0: got {value!r}")
+    if total_heads == 0 and head_start != 0:
+        raise ValueError(f"head_start ({head_start}) needs total_heads (the call's head count): got total_heads=0")
+    if total_heads and head_start + num_heads > total_heads:
+        raise ValueError(f"heads [{head_start}, {head_start + num_heads}) of q are not inside total_heads "
+                         f"({total_heads})")
 
 
 PATTERNS = ("local_window", "global_local", "dilated_sparse", "mask")

@@ -1,5 +1,7 @@
 """torch.ops.dilated.dilated_attention against the float64 reference, plus opcheck, gradcheck,
 input handling and validation errors."""
+import re
+
 import pytest
 import torch
 
@@ -614,3 +616,33 @@ def test_torch_func_forward_mode_and_double_backward_are_clear_errors():
             transform(lambda x: ours(x).sum())(q)
     with pytest.raises(NotImplementedError, match="dilated_ops.dilated_attention: double backward"):
         torch.func.grad(lambda x: torch.func.grad(lambda y: ours(y).sum())(x).sum())(q)
+
+
+@pytest.mark.parametrize("mode", ["groups", "longnet"])
+def test_op_head_window_is_the_slice_of_the_whole_call(mode):
+    """Issue 20: the op's head window (head_start, total_heads), as a rank holding heads [a, b)
+    of an h-head call runs it: output and q/k/v gradients equal the whole call's heads [a, b)
+    (float64), through the op's autograd; opcheck with the window."""
+    h, segs, rates = 5, [4, 8], [1, 2]
+    q, k, v = (rand(2, 24, h, 8).requires_grad_() for _ in range(3))
+    out = OP(q, k, v, segs, rates, mode, True)[0]
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    a, b = 1, 4
+    parts = [t.detach()[:, :, a:b].clone().requires_grad_() for t in (q, k, v)]
+    part_out = OP(*parts, segs, rates, mode, True, None, 0.0, None, "auto", a, h)[0]
+    torch.testing.assert_close(part_out, out[:, :, a:b], rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(part_out, parts, g[:, :, a:b]), grads):
+        torch.testing.assert_close(got, want[:, :, a:b], rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(OP.default, (*parts, segs, rates, mode, True, None, 0.0, None, "auto", a, h))
+
+
+@pytest.mark.parametrize("head_start,total_heads,message", [
+    (-1, 5, "head_start must be an int >= 0: got -1"),
+    (2, 0, "head_start (2) needs total_heads (the call's head count): got total_heads=0"),
+    (3, 5, "heads [3, 6) of q are not inside total_heads (5)"),
+])
+def test_op_head_window_errors(head_start, total_heads, message):
+    q = rand(1, 8, 3, 4)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OP(q, q, q, [4, 8], [1, 2], "groups", False, None, 0.0, None, "auto", head_start, total_heads)

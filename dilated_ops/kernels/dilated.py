@@ -79,7 +79,8 @@ def _into(g: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return g if g.dim() == dst.dim() else from_bhld(g, dst)
 
 
-def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, lse_dtype: torch.dtype, config):
+def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, lse_dtype: torch.dtype,
+                   num_branches: int, config):
     """Groups-mode forward on the Triton kernel (``triton_mods``: :func:`_triton_forward`'s pair
     of modules). No fill pass before it: the kernel also writes 0 / -inf at the positions of a
     branch's segments that no branch selects for its heads (``fill``), so the GPU starts on
@@ -92,7 +93,7 @@ def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, l
     if q.device.index != torch.cuda.current_device():
         # Triton launches on the current device (its stream, its loaded kernel).
         with torch.cuda.device(q.device):
-            return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype, config)
+            return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype, num_branches, config)
     triton_fwd, triton_rep = triton_mods
     b, n, h, d = q.shape
     out = empty_output(q)
@@ -112,7 +113,7 @@ def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, l
         fill = (call.rate, call.offset) if call.rate > 1 else None
         for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
             full_segments = pi == 0 and n >= call.seg_len
-            launches.append(triton_fwd.forward_into(qp, kp, vp, outp, lsep, is_causal, scale, 1.0 / len(calls),
+            launches.append(triton_fwd.forward_into(qp, kp, vp, outp, lsep, is_causal, scale, 1.0 / num_branches,
                                                     fill if full_segments else None, (q, k, v, out, lse)))
     triton_rep.record(key, launches)
     return out, lse
@@ -130,22 +131,25 @@ def dilated_attention_forward(
     dropout_p: float = 0.0,
     seed: int = 0,
     backend: str = "auto",
+    head_start: int = 0,
+    total_heads: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of dilated attention; q, k, v ``(batch, seq, heads, head_dim)``, already
     validated. ``seed`` drives the dropout masks (used only when ``dropout_p > 0``);
-    ``backend`` "sdpa" keeps to PyTorch's attention kernels, "auto" may use our Triton one."""
+    ``backend`` "sdpa" keeps to PyTorch's attention kernels, "auto" may use our Triton one.
+    ``head_start``, ``total_heads``: the heads are a window of a larger call's (:func:`plan`)."""
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
     b, n, h, d = q.shape
     scale = attention.default_scale(d, scale)
     num_branches = len(segment_lengths)
-    calls = plan(h, tuple(segment_lengths), tuple(dilation_rates), mode)
+    calls = plan(h, tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads)
     lse_dtype = attention.lse_dtype(q.dtype)
 
     if mode == "groups":
         triton_mods = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
         if triton_mods is not None:
-            return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype,
-                                  (tuple(segment_lengths), tuple(dilation_rates)))
+            return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype, num_branches,
+                                  (tuple(segment_lengths), tuple(dilation_rates), head_start, total_heads))
         # One contiguous fill each: it measured faster than a strided fill of only the heads of
         # rate > 1 branches, though that writes fewer bytes (benchmarks/RESULTS.md).
         out = empty_output(q).zero_()
@@ -190,15 +194,17 @@ def dilated_attention_backward(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    head_start: int = 0,
+    total_heads: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, each ``(batch, seq, heads, head_dim)``, given the forward's ``out`` and
-    ``lse`` and the upstream ``grad_out``."""
+    ``lse`` and the upstream ``grad_out``; ``head_start``, ``total_heads`` as the forward's."""
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
     grad_out = grad_out.contiguous()
     d = q.shape[-1]
     scale = attention.default_scale(d, scale)
     num_branches = len(segment_lengths)
-    calls = plan(q.shape[2], tuple(segment_lengths), tuple(dilation_rates), mode)
+    calls = plan(q.shape[2], tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads)
     groups = mode == "groups"
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for ci, call in enumerate(calls):

@@ -41,25 +41,37 @@ def head_groups(num_heads: int, num_groups: int) -> List[Tuple[int, int]]:
 
 @functools.lru_cache(maxsize=256)
 def plan(
-    num_heads: int, segment_lengths: Tuple[int, ...], dilation_rates: Tuple[int, ...], mode: str
+    num_heads: int, segment_lengths: Tuple[int, ...], dilation_rates: Tuple[int, ...], mode: str,
+    head_start: int = 0, total_heads: int = 0,
 ) -> Tuple[BranchCall, ...]:
     """The attention launches that compute dilated attention (SPEC sections 2-3).
 
     groups: one launch per branch, on that branch's head group, offset ``i % r_i``.
     longnet: every head in every branch; head ``j`` uses offset ``j % r_i``, so the heads of one
     offset class form the strided slice ``offset::r_i``: one launch per (branch, offset class).
+
+    A head window: the ``num_heads`` heads are heads ``[head_start, head_start + num_heads)`` of
+    a ``total_heads``-head call (0: the window is every head), as one rank holds them when heads
+    are sharded over ranks; the launches are those of the whole call restricted to the window, in
+    the window's own head numbering (a branch the window misses has none).
     Plain Python data, cached: nothing here is a tensor.
     """
+    total = total_heads or num_heads
+    stop_all = head_start + num_heads
     calls = []
     if mode == "groups":
         for i, ((start, stop), w, r) in enumerate(
-            zip(head_groups(num_heads, len(segment_lengths)), segment_lengths, dilation_rates)
+            zip(head_groups(total, len(segment_lengths)), segment_lengths, dilation_rates)
         ):
-            calls.append(BranchCall(i, w, r, i % r, slice(start, stop, 1)))
+            lo, hi = max(start, head_start), min(stop, stop_all)
+            if lo < hi:
+                calls.append(BranchCall(i, w, r, i % r, slice(lo - head_start, hi - head_start, 1)))
     else:
         for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-            for o in range(min(r, num_heads)):
-                calls.append(BranchCall(i, w, r, o, slice(o, num_heads, r)))
+            for o in range(min(r, total)):
+                first = (o - head_start) % r  # the window's first head j with j % r == o
+                if first < num_heads:
+                    calls.append(BranchCall(i, w, r, o, slice(first, num_heads, r)))
     return tuple(calls)
 
 
