@@ -7,11 +7,14 @@ by itself::
 
     DILATED_OPS_FUZZ_SEED=<seed> DILATED_OPS_FUZZ_CASE=<i> python -m pytest tests/test_fuzz.py -s
 
-``DILATED_OPS_FUZZ_COUNT`` changes the number of cases (default: 2000 dilated, 500 block-sparse).
+``DILATED_OPS_FUZZ_COUNT`` changes the number of cases (default: 2000 dilated, 500 block-sparse,
+1000 head windows, 100 Ulysses configurations on 2 gloo processes and 40 on 4).
 """
+import json
 import os
 import random
 import sys
+import tempfile
 import time
 
 import pytest
@@ -68,6 +71,25 @@ def block_sparse_case(seed: int, i: int):
                 layout=rng.choice(LAYOUTS), data=rng.randrange(2**31))
 
 
+def window_case(seed: int, i: int):
+    c = dilated_case(seed, i)
+    rng = random.Random(f"{seed}-window-{i}")
+    start = rng.randrange(c["h"])
+    return dict(c, start=start, stop=rng.randint(start + 1, c["h"]))
+
+
+def ulysses_case(seed: int, i: int, world_size: int):
+    rng = random.Random(f"{seed}-ulysses{world_size}-{i}")
+    g = rng.randint(1, 3)
+    rates = [rng.choice([1, 1, 2, 3, 4]) for _ in range(g)]
+    mode = rng.choice(["groups", "longnet"])
+    per_rank = rng.randint(-(-g // world_size) if mode == "groups" else 1, 3)
+    return dict(b=rng.randint(1, 2), n=world_size * rng.randint(1, 12), h=world_size * per_rank,
+                d=rng.choice([1, 3, 8]), segs=[r * rng.choice([1, 2, 3, 5, 8]) for r in rates], rates=rates,
+                mode=mode, causal=rng.random() < 0.5, scale=rng.choice([None, 0.37, -0.6]),
+                data=rng.randrange(2**31))
+
+
 def close(got, want, tol=1e-9) -> bool:
     return torch.allclose(got.double(), want, rtol=tol, atol=tol) and not got.isnan().any()
 
@@ -110,6 +132,69 @@ def check_block_sparse(c) -> bool:
     return close(out, ref) and all(close(a, w) for a, w in zip(grads, want))
 
 
+def check_window(c) -> bool:
+    """The op's head window (issue 20) against the slice of the whole call, forward and backward."""
+    torch.manual_seed(c["data"])
+    q, k, v = (t.requires_grad_() for t in inputs(c["b"], c["n"], c["h"], c["d"], c["layout"]))
+    op = torch.ops.dilated.dilated_attention
+    args = (c["segs"], c["rates"], c["mode"], c["causal"], c["scale"])
+    out = op(q, k, v, *args)[0]
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    a, b = c["start"], c["stop"]
+    parts = [t.detach()[:, :, a:b].requires_grad_() for t in (q, k, v)]
+    got = op(*parts, *args, 0.0, None, "auto", a, c["h"])[0]
+    got_grads = torch.autograd.grad(got, parts, g[:, :, a:b])
+    return close(got, out[:, :, a:b], 1e-12) and all(close(x, w[:, :, a:b], 1e-12) for x, w in zip(got_grads, grads))
+
+
+def check_ulysses(c, rank: int, world_size: int) -> bool:
+    from dilated_ops.sequence_parallel import ulysses_dilated_attention
+
+    torch.manual_seed(c["data"])  # the same full inputs on every rank
+    full = [torch.randn(c["b"], c["n"], c["h"], c["d"], dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    g = torch.randn(c["b"], c["n"], c["h"], c["d"], dtype=torch.float64)
+    kw = dict(mode=c["mode"], is_causal=c["causal"], scale=c["scale"])
+    out = dilated_ops.dilated_attention(*full, c["segs"], c["rates"], **kw)
+    grads = torch.autograd.grad(out, full, g)
+    mine = slice(rank * c["n"] // world_size, (rank + 1) * c["n"] // world_size)
+    shards = [t.detach()[:, mine].clone().requires_grad_() for t in full]
+    got = ulysses_dilated_attention(*shards, c["segs"], c["rates"], **kw)
+    got_grads = torch.autograd.grad(got, shards, g[:, mine])
+    return close(got, out[:, mine]) and all(close(x, w[:, mine]) for x, w in zip(got_grads, grads))
+
+
+def _ulysses_worker(rank: int, world_size: int, init_file: str, cases, result_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        failed = [i for i in cases if not check_ulysses(ulysses_case(SEED, i, world_size), rank, world_size)]
+    finally:
+        dist.destroy_process_group()
+    with open(f"{result_file}.{rank}", "w") as f:
+        json.dump(failed, f)
+
+
+def run_ulysses(capsys, world_size: int, default_count: int) -> None:
+    import torch.multiprocessing as mp
+
+    count = int(os.environ.get("DILATED_OPS_FUZZ_COUNT", default_count))
+    cases = [int(CASE)] if CASE is not None else list(range(count))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "failed")
+        # the seed travels in the environment: a spawned process draws its own SEED otherwise
+        os.environ["DILATED_OPS_FUZZ_SEED"] = str(SEED)
+        mp.spawn(_ulysses_worker, args=(world_size, os.path.join(tmp, "init"), cases, result), nprocs=world_size)
+        failed = sorted({i for r in range(world_size) for i in json.load(open(f"{result}.{r}"))})
+    say(capsys, f"fuzz ulysses on {world_size} gloo processes: seed {SEED}, {len(cases)} configurations, "
+        f"{len(failed)} mismatches, {time.perf_counter() - start:.1f} s")
+    replay = [f"DILATED_OPS_FUZZ_SEED={SEED} DILATED_OPS_FUZZ_CASE={i}: {ulysses_case(SEED, i, world_size)}"
+              for i in failed[:5]]
+    assert not failed, "mismatches against the single-process op; replay with:\n" + "\n".join(replay)
+
+
 def run(capsys, name: str, make, check, default_count: int):
     count = int(os.environ.get("DILATED_OPS_FUZZ_COUNT", default_count))
     cases = [int(CASE)] if CASE is not None else range(count)
@@ -127,6 +212,15 @@ def test_fuzz_dilated_attention(capsys):
 
 def test_fuzz_block_sparse_attention(capsys):
     run(capsys, "block_sparse_attention", block_sparse_case, check_block_sparse, 500)
+
+
+def test_fuzz_head_window(capsys):
+    run(capsys, "dilated_attention head window", window_case, check_window, 1000)
+
+
+@pytest.mark.parametrize("world_size,count", [(2, 100), (4, 40)])
+def test_fuzz_ulysses(capsys, world_size, count):
+    run_ulysses(capsys, world_size, count)
 
 
 def test_the_fuzzer_can_fail(monkeypatch, capsys):
