@@ -230,7 +230,7 @@ def check_head_window(num_heads: int, head_start, total_heads) -> None:
     """q's ``num_heads`` heads as heads ``[head_start, head_start + num_heads)`` of a
     ``total_heads``-head call (0: the call's own heads)."""
     for name, value in (("head_start", head_start), ("total_heads", total_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
             raise ValueError(f"{name} must be an int >= 0: got {value!r}")
     if total_heads == 0 and head_start != 0:
         raise ValueError(f"head_start ({head_start}) needs total_heads (the call's head count): got total_heads=0")

@@ -3,13 +3,11 @@
 ``[p * n / P, (p + 1) * n / P)``, and gets the matching slice of the single-process result,
 forward and backward.
 
-``"ulysses"`` (DeepSpeed-Ulysses): an all-to-all turns q, k, v from sequence shards into head
-shards (each rank then holds the whole sequence for ``heads / P`` heads), the ``dilated`` op runs
-on them as the window of the whole call that those heads are (``head_start``, ``total_heads``:
-head groups and offsets stay those of the whole call), and an all-to-all turns the output back
-into sequence shards. Exact by construction. The all-to-alls are PyTorch's functional
-collectives with their autograd (``all_to_all_single_autograd``): the backward moves the
-output's gradient and q, k, v's gradients, four all-to-alls each way in all.
+``"ulysses"`` (DeepSpeed-Ulysses): ``torch.ops.dilated.ulysses_attention``
+(:mod:`dilated_ops.registrations.ulysses_attention`, the math in
+:mod:`dilated_ops.kernels.distributed`): an all-to-all turns q, k, v from sequence shards into
+head shards, the dilated attention of those heads runs as the window of the whole call they are
+(head groups and offsets stay the whole call's), and an all-to-all turns the output back.
 """
 from __future__ import annotations
 
@@ -17,28 +15,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from . import _checks
-from .registrations import dilated_attention as _op
-
-
-def _seq_to_heads(x: Tensor, world_size: int, group) -> Tensor:
-    """``(b, s, h, d)`` sequence shards -> ``(b, P * s, h / P, d)`` head shards."""
-    b, s, h, d = x.shape
-    send = x.view(b, s, world_size, h // world_size, d).permute(2, 0, 1, 3, 4).reshape(world_size * b, s, -1, d)
-    recv = funcol.all_to_all_single_autograd(send, None, None, group)
-    return recv.view(world_size, b, s, -1, d).transpose(0, 1).reshape(b, world_size * s, -1, d)
-
-
-def _heads_to_seq(y: Tensor, world_size: int, group) -> Tensor:
-    """``(b, P * s, h / P, d)`` head shards -> ``(b, s, h, d)`` sequence shards."""
-    b, n, hp, d = y.shape
-    s = n // world_size
-    send = y.reshape(b, world_size, s, hp, d).transpose(0, 1).reshape(world_size * b, s, hp, d)
-    recv = funcol.all_to_all_single_autograd(send, None, None, group)
-    return recv.view(world_size, b, s, hp, d).permute(1, 2, 0, 3, 4).reshape(b, s, world_size * hp, d)
+from .registrations import ulysses_attention as _ulysses
 
 
 def ulysses_dilated_attention(
@@ -72,16 +51,10 @@ def ulysses_dilated_attention(
         ``(batch, seq / P, heads, head_dim)``: this rank's slice of the single-process output.
     """
     group = group if group is not None else dist.group.WORLD
-    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
-        q, k, v, segment_lengths, dilation_rates, mode, scale, 0.0, is_causal=is_causal,
-        total_heads=q.shape[2],
-    )
-    heads = q.shape[2]
-    if heads % world_size:
-        raise ValueError(f"ulysses: the process group's size ({world_size}) must divide num_heads ({heads})")
-    qkv = _seq_to_heads(torch.cat([q, k, v]), world_size, group)
-    qh, kh, vh = qkv.chunk(3)
-    out, _ = _op.call(qh, kh, vh, segment_lengths, dilation_rates, mode, is_causal, scale, 0.0, None, "auto",
-                      rank * (heads // world_size), heads)
-    return _heads_to_seq(out, world_size, group)
+    world_size = dist.get_world_size(group)
+    # Checked before the op (whose schema would convert some values first) and before any
+    # collective: a rank with bad input raises at once.
+    segment_lengths, dilation_rates, scale = _ulysses.check_arguments(
+        q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+    return torch.ops.dilated.ulysses_attention(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale,
+                                               group.group_name, world_size)[0]

@@ -97,12 +97,17 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for x, y in zip(got_grads, want_grads):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+        # every rank runs opcheck's calls in the same order, so their collectives pair up
+        torch.library.opcheck(torch.ops.dilated.ulysses_attention.default,
+                              (*compiled_in, [4, 8, 24], [1, 2, 4], "longnet", True, None,
+                               dist.group.WORLD.group_name, world_size))
     finally:
         dist.destroy_process_group()
 
 
-def test_ulysses_compiles_in_one_graph():
-    """torch.compile(fullgraph=True): the functional collectives and the dilated op trace into
-    one graph (forward and backward), results equal to eager."""
+def test_ulysses_compiles_and_passes_opcheck():
+    """torch.compile(fullgraph=True) with the op as one node, results equal to eager, forward
+    and backward; torch.library.opcheck of the op (fake kernel, autograd, AOT dispatch) in a
+    2-rank group."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_compile_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)

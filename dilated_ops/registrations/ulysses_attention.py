@@ -1,0 +1,94 @@
+"""``torch.ops.dilated.ulysses_attention`` and its backward op: sequence-parallel dilated
+attention by the Ulysses all-to-all (:mod:`dilated_ops.kernels.distributed`), custom op, fake
+kernel, autograd.
+
+q, k, v: this rank's shard ``(batch, seq / P, heads, head_dim)``. The process group comes by
+name (``group_name``, as PyTorch's functional collectives take it) with its size ``world_size``
+given, so the fake kernel needs no live group. Returns ``(out, lse, qkv_heads, out_heads,
+lse_heads)``: the rank's output slice, its log-sum-exp ``(batch, seq / P, heads)``, and the
+head shards the backward takes (saved instead of q, k, v: the backward then moves only
+gradients).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import _checks
+from ..kernels import attention as _attention
+from ..kernels.distributed import ulysses_backward, ulysses_forward
+
+
+def _group(group_name: str, world_size: int):
+    # PyTorch's functional collectives resolve their group_name argument the same way.
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    if dist.get_world_size(group) != world_size:
+        raise ValueError(f"world_size ({world_size}) must be the size of process group {group_name!r} "
+                         f"({dist.get_world_size(group)})")
+    return group
+
+
+def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size):
+    """The op's arguments, before any collective (a rank with bad input raises at once)."""
+    segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
+        q, k, v, segment_lengths, dilation_rates, mode, scale, 0.0, is_causal=is_causal, total_heads=q.shape[2])
+    _checks.check_positive_int("world_size", world_size)
+    if q.shape[2] % world_size:
+        raise ValueError(f"ulysses: the process group's size ({world_size}) must divide num_heads ({q.shape[2]})")
+    return segment_lengths, dilation_rates, scale
+
+
+@torch.library.custom_op("dilated::ulysses_attention", mutates_args=())
+def ulysses_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int], mode: str,
+    is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+    group = _group(group_name, world_size)
+    return ulysses_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group, world_size,
+                           dist.get_rank(group))
+
+
+@ulysses_attention_op.register_fake
+def _fake(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size):
+    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+    b, s, h, d = q.shape
+    n, hp, lse_dtype = s * world_size, h // world_size, _attention.lse_dtype(q.dtype)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(b, s, h, dtype=lse_dtype),
+            q.new_empty(3 * b, n, hp, d), q.new_empty(b, n, hp, d), q.new_empty(b, n, hp, dtype=lse_dtype))
+
+
+@torch.library.custom_op("dilated::ulysses_attention_backward", mutates_args=())
+def ulysses_attention_backward_op(
+    grad_out: Tensor, qkv_heads: Tensor, out_heads: Tensor, lse_heads: Tensor, segment_lengths: List[int],
+    dilation_rates: List[int], mode: str, is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    group = _group(group_name, world_size)
+    return ulysses_backward(grad_out.contiguous(), qkv_heads, out_heads, lse_heads, segment_lengths, dilation_rates,
+                            mode, is_causal, scale, group, world_size, dist.get_rank(group))
+
+
+@ulysses_attention_backward_op.register_fake
+def _backward_fake(grad_out, qkv_heads, out_heads, lse_heads, segment_lengths, dilation_rates, mode, is_causal,
+                   scale, group_name, world_size):
+    return tuple(torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size = inputs
+    _, lse, qkv_heads, out_heads, lse_heads = output
+    ctx.mark_non_differentiable(lse, qkv_heads, out_heads, lse_heads)
+    ctx.save_for_backward(qkv_heads, out_heads, lse_heads)
+    ctx.config = (segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size)
+
+
+def _backward(ctx, grad_out, *_):
+    qkv_heads, out_heads, lse_heads = ctx.saved_tensors
+    dq, dk, dv = ulysses_attention_backward_op(grad_out, qkv_heads, out_heads, lse_heads, *ctx.config)
+    return (dq, dk, dv) + (None,) * 7
+
+
+ulysses_attention_op.register_autograd(_backward, setup_context=_setup_context)
