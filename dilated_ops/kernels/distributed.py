@@ -19,13 +19,18 @@ import torch.distributed as dist
 from .dilated import dilated_attention_backward, dilated_attention_forward
 
 
-def seq_to_heads(x: torch.Tensor, world_size: int, group) -> torch.Tensor:
-    """``(b, s, h, *tail)`` sequence shards -> ``(b, P * s, h / P, *tail)`` head shards."""
-    b, s, h, *tail = x.shape
-    send = x.reshape(b, s, world_size, h // world_size, *tail).movedim(2, 0).contiguous()
+def seq_to_heads(xs: Sequence[torch.Tensor], world_size: int, group) -> torch.Tensor:
+    """Sequence shards ``(b, s, h, *tail)``, one or more -> their head shards ``(len(xs) * b,
+    P * s, h / P, *tail)``, stacked on the batch dim: one all-to-all for all of them, each
+    written once into the send buffer."""
+    b, s, h, *tail = xs[0].shape
+    hp = h // world_size
+    send = xs[0].new_empty(world_size, len(xs) * b, s, hp, *tail)
+    for i, x in enumerate(xs):
+        send[:, i * b:(i + 1) * b].copy_(x.reshape(b, s, world_size, hp, *tail).movedim(2, 0))
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # chunk i of recv: rank i's positions, my heads
-    return recv.movedim(0, 1).reshape(b, world_size * s, h // world_size, *tail)
+    return recv.movedim(0, 1).reshape(len(xs) * b, world_size * s, hp, *tail)
 
 
 def heads_to_seq(y: torch.Tensor, world_size: int, group, parts: int = 1) -> Tuple[torch.Tensor, ...]:
@@ -51,7 +56,7 @@ def ulysses_forward(
     log-sum-exp ``(b, s, h)``, and the head shards the backward takes: q, k, v stacked on the
     batch dim ``(3b, P * s, h / P, d)``, out and lse of those heads."""
     b, s, h, d = q.shape
-    qkv = seq_to_heads(torch.cat([q, k, v]), world_size, group)
+    qkv = seq_to_heads((q, k, v), world_size, group)
     qh, kh, vh = qkv.chunk(3)
     out_h, lse_h = dilated_attention_forward(qh, kh, vh, segment_lengths, dilation_rates, mode, is_causal, scale,
                                              head_start=rank * (h // world_size), total_heads=h)
@@ -68,7 +73,7 @@ def ulysses_backward(
     the output's gradient ``(b, s, h, d)``."""
     h = grad_out.shape[2]
     qh, kh, vh = qkv_heads.chunk(3)
-    grads = dilated_attention_backward(seq_to_heads(grad_out, world_size, group), qh, kh, vh, out_heads, lse_heads,
+    grads = dilated_attention_backward(seq_to_heads((grad_out,), world_size, group), qh, kh, vh, out_heads, lse_heads,
                                        segment_lengths, dilation_rates, mode, is_causal, scale,
                                        head_start=rank * (h // world_size), total_heads=h)
     return heads_to_seq(torch.cat(grads), world_size, group, parts=3)
