@@ -1,5 +1,6 @@
 """Sequence-parallel dilated attention (issue 20) on CPU processes over gloo: each rank's output
 slice and q/k/v gradients equal the single-process op's (float64, 1e-10)."""
+import operator
 import os
 import tempfile
 
@@ -97,6 +98,18 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for x, y in zip(got_grads, want_grads):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+        # torch.export: the op is one node (the group recorded by name), saved and loaded
+        class Attention(torch.nn.Module):
+            def forward(self, q, k, v):
+                return fn(q, k, v)
+
+        ep = torch.export.export(Attention(), tuple(t.detach() for t in eager_in))
+        calls = [n.target for n in ep.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+        assert calls == [torch.ops.dilated.ulysses_attention.default], calls
+        path = os.path.join(os.path.dirname(init_file), f"ulysses{rank}.pt2")
+        torch.export.save(ep, path)
+        torch.testing.assert_close(torch.export.load(path).module()(*(t.detach() for t in eager_in)), want.detach(),
+                                   rtol=0, atol=0)
         # every rank runs opcheck's calls in the same order, so their collectives pair up
         torch.library.opcheck(torch.ops.dilated.ulysses_attention.default,
                               (*compiled_in, [4, 8, 24], [1, 2, 4], "longnet", True, None,
@@ -105,9 +118,9 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ulysses_compiles_and_passes_opcheck():
+def test_ulysses_compiles_exports_and_passes_opcheck():
     """torch.compile(fullgraph=True) with the op as one node, results equal to eager, forward
-    and backward; torch.library.opcheck of the op (fake kernel, autograd, AOT dispatch) in a
-    2-rank group."""
+    and backward; torch.export with the op as one node, saved and loaded; torch.library.opcheck
+    of the op (fake kernel, autograd, AOT dispatch) in a 2-rank group."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_compile_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
