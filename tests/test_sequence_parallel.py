@@ -110,6 +110,10 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
         torch.export.save(ep, path)
         torch.testing.assert_close(torch.export.load(path).module()(*(t.detach() for t in eager_in)), want.detach(),
                                    rtol=0, atol=0)
+        # a world_size that is not the group's: a clear error on every rank, before any collective
+        with pytest.raises(ValueError, match=r"world_size \(4\) must be the size of process group"):
+            torch.ops.dilated.ulysses_attention(*eager_in, [4, 8, 24], [1, 2, 4], "longnet", True, None,
+                                                dist.group.WORLD.group_name, 4)
         # every rank runs opcheck's calls in the same order, so their collectives pair up
         torch.library.opcheck(torch.ops.dilated.ulysses_attention.default,
                               (*compiled_in, [4, 8, 24], [1, 2, 4], "longnet", True, None,

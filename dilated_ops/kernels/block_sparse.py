@@ -8,10 +8,12 @@ over the union of its active key blocks, masked inside the blocks for the sequen
 partial last block) and, when causal, for keys after the query. A query with no visible key gets
 0 and a log-sum-exp of ``-inf``.
 
-Compute: per query block, its active key blocks are gathered (padded to the largest count of any
-query block of the layout) and attended in one batched matmul; memory and work are proportional
-to the layout's active blocks, never ``seq x seq``. The backward recomputes that forward under
-autograd (the gather's gradient is the scatter-add into key blocks).
+Compute: on CUDA in float16/bfloat16, the Triton kernels of :mod:`.triton_block_sparse`.
+Elsewhere, per query block, its active key blocks are gathered (padded to the largest count of
+any query block of the layout) and attended in one batch: on the CPU by PyTorch's CPU flash
+kernel with an additive mask, on CUDA by an explicit softmax. Memory and work are proportional to
+the layout's active blocks, never ``seq x seq``. The backward takes the forward's output and
+log-sum-exp; the gather's gradient is the scatter-add into the key blocks.
 """
 from __future__ import annotations
 
