@@ -376,3 +376,46 @@ def test_block_sparse_tma_and_pointer_loads_agree(monkeypatch, layout_kind):
     for with_tma, with_pointers in zip(results[:2], results[2:]):
         for a, c in zip(with_tma, with_pointers):
             assert not a.isnan().any() and rel(a, c) < 1e-3
+
+
+@pytest.mark.parametrize("tma", ["1", "0"])
+def test_block_sparse_replayed_launches_match_the_plain_launches(tma, monkeypatch):
+    """The block-sparse kernels' launches are recorded per layout (forward, dQ, dK/dV) and
+    replayed on later calls (new tensors, the allocator's memory poisoned first): the same
+    outputs and gradients as Triton's own launches, a new layout recorded apart, TMA and pointer
+    loads never mixed up."""
+    from dilated_ops.kernels import triton_replay
+
+    if not triton_replay.REPLAY:
+        pytest.skip(f"launch replay is off for Triton {triton_replay.triton.__version__}")
+    monkeypatch.setenv("DILATED_OPS_TMA", tma)
+    b, n, h, d, bs = 2, 5 * 64 - 11, 3, 64, 64
+    cfg = dilated_ops.SparsePatternConfig("local_window", sparsity_ratio=0.3, block_size=bs, local_window_size=None)
+    q, k, v, g = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+
+    def run(seq=n):
+        leaves = [t[:, :seq].detach().clone().requires_grad_() for t in (q, k, v)]
+        out = dilated_ops.block_sparse_attention(*leaves, cfg, is_causal=True)
+        return (out, *torch.autograd.grad(out, leaves, g[:, :seq]))
+
+    triton_replay.clear_recorded()
+    first = run()
+    assert triton_replay.num_recorded() == 3, "forward, dQ and dK/dV launches"
+    assert all(r.direct is not None for r in triton_replay._LAUNCHES.values())
+    torch.full((8 * b * n * h * d,), float("nan"), device="cuda", dtype=torch.bfloat16)  # freed: poisoned blocks
+    replayed = run()
+    assert triton_replay.num_recorded() == 3, "same layout: replayed, not recorded again"
+    shorter = run(n - 64)
+    assert triton_replay.num_recorded() == 6
+    monkeypatch.setattr(triton_replay, "REPLAY", False)
+    plain, plain_shorter = run(), run(n - 64)
+    for a, c, x in zip(first, replayed, plain):
+        assert not a.isnan().any() and torch.equal(a, x) and torch.equal(c, x)
+    for a, x in zip(shorter, plain_shorter):
+        assert torch.equal(a, x)
+    from dilated_ops.kernels import block_sparse
+    from dilated_ops.kernels.reference import block_sparse_reference
+
+    layout = block_sparse.pattern_layout("local_window", n, h, bs, None, bs, 0.3, (), (), True, q.device)
+    ref = block_sparse_reference(q.double(), k.double(), v.double(), layout, bs, True)
+    assert rel(plain[0], ref) < 2e-2

@@ -103,7 +103,7 @@ def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, l
         if call.rate > 1 and tail < n:
             out[:, tail:, call.heads].zero_()
             lse[:, tail:, call.heads].fill_(float("-inf"))
-    key = triton_rep.layout_key(q, k, v, out, lse, *triton_fwd.launch_config(d), is_causal, scale, *config)
+    key = triton_rep.layout_key((q, k, v, out, lse), "dilated", *triton_fwd.launch_config(d), is_causal, scale, *config)
     recorded = triton_rep.recorded(key)
     if recorded is not None:
         triton_rep.replay(recorded, q, k, v, out, lse)

@@ -2,7 +2,8 @@
 forward and the backward (one kernel for dK/dV over tiles of key blocks, one for dQ over tiles
 of query blocks), each program walking only the active blocks of its row or column of the
 layout, FlashAttention-2 style (online softmax, scores never stored). On Hopper and newer the
-tiles a program walks come through TMA descriptors (:func:`_use_tma`).
+tiles a program walks come through TMA descriptors (:func:`_use_tma`). Each launch is recorded
+per layout and replayed by :mod:`.triton_replay` on later calls (:func:`_launch`).
 
 q, k, v, out ``(batch, seq, heads, head_dim)`` with a unit stride on head_dim, lse and delta
 ``(batch, seq, heads)`` float32. A plan (:class:`dilated_ops.kernels.block_sparse.Plan`) gives,
@@ -18,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_replay
 from .attention import device_capability
+from .triton_replay import Launch
 
 try:  # Triton >= 3.4; TMA loads need a Hopper GPU or newer
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -252,13 +255,38 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
                and (x.stride(1) * x.element_size()) % 16 == 0 for x in tensors)
 
 
-def _desc(t: torch.Tensor, rows: int, tma: bool):
-    """``t`` as a kernel loads it: where ``tma``, a TMA descriptor over its ``(batch * seq, heads
-    * head_dim)`` view whose block is ``rows`` positions of one head; else the tensor itself."""
-    if not tma:
-        return t
+def _desc(t: torch.Tensor, rows: int):
+    """A TMA descriptor over the ``(batch * seq, heads * head_dim)`` view of ``t`` whose block
+    is ``rows`` positions of one head."""
     b, n, h, d = t.shape
     return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d])
+
+
+def _launch(kernel, grid, tensors, rows, scalars, constexprs: dict, options: dict, config: tuple) -> None:
+    """``kernel[grid]`` over the pointer arguments ``tensors`` (each loaded through a TMA
+    descriptor of ``rows`` positions where ``rows`` gives a number, else a pointer), then
+    ``scalars`` and ``constexprs``. The launch is recorded per layout (``config``: the call's
+    settings the tensors do not fix) and replayed on later calls through the compiled kernel's C
+    launcher (:mod:`.triton_replay`): at short sequences a call's time is mostly the host's."""
+    key = triton_replay.layout_key(tensors, kernel.fn.__name__, *config)
+    rec = triton_replay.recorded(key)
+    if rec is not None:
+        triton_replay.replay(rec, *tensors)
+        return
+    args = [t if r is None else _desc(t, r) for t, r in zip(tensors, rows)]
+    compiled = kernel[grid](*args, *scalars, **constexprs, **options)
+    if triton_replay.REPLAY:
+        tma = tuple(None if r is None else (tuple(a.shape), tuple(a.strides), tuple(a.block_shape))
+                    for a, r in zip(args, rows))
+        rest = (*scalars, *(constexprs[name] for name in kernel.arg_names[len(tensors) + len(scalars):]))
+        triton_replay.record(key, [Launch(compiled, tuple(grid) + (1,) * (3 - len(grid)), (0,) * len(tensors),
+                                          tma if any(r is not None for r in rows) else None, rest)])
+
+
+def _tiles(block_size: int, head_dim: int, kind: str):
+    """``(BLOCK_M, BLOCK_N, launch options)`` of a kernel (:data:`OPTIONS`)."""
+    opts = _options(block_size, head_dim, kind)
+    return opts.pop("BLOCK_M"), opts.pop("BLOCK_N"), opts
 
 
 def forward(q, k, v, plan, block_size: int, is_causal: bool, scale: float):
@@ -267,14 +295,14 @@ def forward(q, k, v, plan, block_size: int, is_causal: bool, scale: float):
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, n, h, dtype=torch.float32, device=q.device)
     idx, cnt, s_h, s_i, s_c = _plan_args(plan.index32, plan.counts)
-    opts = _options(block_size, d, "fwd")
-    grid = (triton.cdiv(n, opts["BLOCK_M"]), b * h)
+    bm, bn, opts = _tiles(block_size, d, "fwd")
     tma = _use_tma(q, k, v)
-    qd, kd, vd = _desc(q, opts["BLOCK_M"], tma), _desc(k, opts["BLOCK_N"], tma), _desc(v, opts["BLOCK_N"], tma)
     with _on(q):
-        _fwd[grid](qd, kd, vd, out, lse, idx, cnt, *_s(q), *_s(k), *_s(v), *_s(out), *lse.stride(), s_h, s_i, s_c,
-                   n, h, scale * _LOG2E, HEAD_DIM=d, BS=block_size, IS_CAUSAL=is_causal, EVEN=n % block_size == 0,
-                   TMA=tma, **opts)
+        _launch(_fwd, (triton.cdiv(n, bm), b * h), (q, k, v, out, lse, idx, cnt),
+                (bm, bn, bn, None, None, None, None) if tma else (None,) * 7,
+                (*_s(q), *_s(k), *_s(v), *_s(out), *lse.stride(), s_h, s_i, s_c, n, h, scale * _LOG2E),
+                dict(HEAD_DIM=d, BS=block_size, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=is_causal,
+                     EVEN=n % block_size == 0, TMA=tma), opts, (tma, is_causal, scale, block_size, bm, bn, *opts.values()))
     return out, lse
 
 
@@ -291,21 +319,24 @@ def backward(grad_out, q, k, v, out, lse, plan, block_size: int, is_causal: bool
     # dk/dv are written with k's/v's strides, dq with q's: pass contiguous q, k, v alike.
     q, k, v = (t.contiguous() for t in (q, k, v))
     tma = _use_tma(q, k, v, grad_out)
-    flags = dict(HEAD_DIM=d, BS=block_size, IS_CAUSAL=is_causal, EVEN=n % block_size == 0, TMA=tma)
     strides = (*_s(q), *_s(k), *_s(v))
     with _on(q):
-        opts = _options(block_size, d, "dq")  # K, V walked: through TMA where it applies
+        bm, bn, opts = _tiles(block_size, d, "dq")  # K, V walked: through TMA where it applies
         idx, cnt, s_h, s_i, s_c = _plan_args(plan.index32, plan.counts)
-        _bwd_dq[(triton.cdiv(n, opts["BLOCK_M"]), b * h)](
-            q, _desc(k, opts["BLOCK_N"], tma), _desc(v, opts["BLOCK_N"], tma), out, grad_out, lse, delta, dq, idx,
-            cnt, *strides, *_s(out), *_s(grad_out), *lse.stride(), s_h, s_i, s_c, n, h, scale, scale * _LOG2E,
-            **flags, **opts)
-        opts = _options(block_size, d, "dkdv")  # Q, dO walked
+        walked = bn if tma else None
+        _launch(_bwd_dq, (triton.cdiv(n, bm), b * h), (q, k, v, out, grad_out, lse, delta, dq, idx, cnt),
+                (None, walked, walked) + (None,) * 7,
+                (*strides, *_s(out), *_s(grad_out), *lse.stride(), s_h, s_i, s_c, n, h, scale, scale * _LOG2E),
+                dict(HEAD_DIM=d, BS=block_size, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=is_causal,
+                     EVEN=n % block_size == 0, TMA=tma), opts, (tma, is_causal, scale, block_size, bm, bn, *opts.values()))
+        bm, bn, opts = _tiles(block_size, d, "dkdv")  # Q, dO walked
         qidx, qcnt, s_h, s_i, s_c = _plan_args(*plan.transposed())
-        _bwd_dkdv[(triton.cdiv(n, opts["BLOCK_N"]), b * h)](
-            _desc(q, opts["BLOCK_M"], tma), k, v, _desc(grad_out, opts["BLOCK_M"], tma), lse, delta, dk, dv, qidx,
-            qcnt, *strides, *_s(grad_out), *lse.stride(), s_h, s_i, s_c, n, h, scale, scale * _LOG2E,
-            **flags, **opts)
+        walked = bm if tma else None
+        _launch(_bwd_dkdv, (triton.cdiv(n, bn), b * h), (q, k, v, grad_out, lse, delta, dk, dv, qidx, qcnt),
+                (walked, None, None, walked) + (None,) * 6,
+                (*strides, *_s(grad_out), *lse.stride(), s_h, s_i, s_c, n, h, scale, scale * _LOG2E),
+                dict(HEAD_DIM=d, BS=block_size, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=is_causal,
+                     EVEN=n % block_size == 0, TMA=tma), opts, (tma, is_causal, scale, block_size, bm, bn, *opts.values()))
     return dq, dk, dv
 
 

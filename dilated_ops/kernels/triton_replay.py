@@ -3,9 +3,10 @@
 through the compiled kernel's C launcher. The GPU idles until the host issues the first launch,
 and Triton's JIT and Python launch paths and the strided views were most of that host time.
 
-Knows nothing of the kernel: a :class:`Launch` (built by ``triton_forward.forward_into``) holds
-the compiled kernel, its grid, the pieces' offsets from their base tensors and the remaining
-arguments. Imported only with the Triton forward, so CPU installs need no Triton.
+Knows nothing of the kernels: a :class:`Launch` (built by ``triton_forward.forward_into`` and
+``triton_block_sparse``) holds the compiled kernel, its grid, its pointer arguments' offsets from
+the call's base tensors, which of them are TMA descriptors, and the remaining arguments. Imported
+only with the Triton kernels, so CPU installs need no Triton.
 
 The host work of a launch through Triton's JIT (binding and specializing every argument,
 building descriptors, the cache lookup) and of the strided views is done once per input layout.
@@ -38,9 +39,10 @@ _RECORD_LOCK = threading.Lock()  # lookups need none: a dict read is atomic
 
 
 class Launch(NamedTuple):
-    """One recorded launch: the compiled kernel, its grid, the byte offsets of the q, k, v, out,
-    lse pieces from their base tensors, the q, k, v descriptors' (shape, strides, block) when
-    it loads through TMA, and the remaining arguments (constexprs last, as Triton passes them)."""
+    """One recorded launch: the compiled kernel, its grid, the byte offsets of its leading
+    pointer arguments from the call's base tensors (one per base, in order), per pointer argument
+    the TMA descriptor's (shape, strides, block) or None for a plain pointer (``tma`` None: no
+    descriptors), and the remaining arguments (constexprs last, as Triton passes them)."""
 
     kernel: object
     grid: Tuple[int, int, int]
@@ -119,14 +121,12 @@ class _Descriptor:
         self.shape, self.strides, self.block_shape = shape, strides, block_shape
 
 
-def layout_key(q, k, v, out, lse, *config) -> tuple:
-    """What fixes the launches of a call: shapes, strides, dtype, device, the 16-byte alignment
-    of every base pointer (Triton specializes on it) and ``config``, the rest (the kernel's
-    settings, ``triton_forward.launch_config``, then the call's own)."""
+def layout_key(tensors, *config) -> tuple:
+    """What fixes the launches of a call over the base tensors ``tensors``: their shapes,
+    strides, dtypes, the 16-byte alignment of their base pointers (Triton specializes on it), the
+    device and ``config``, the rest (the kernel and its settings, then the call's own)."""
     return (
-        q.shape, q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(), q.dtype, q.device.index,
-        q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16, lse.data_ptr() % 16,
-        *config,
+        tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in tensors), tensors[0].device.index, *config,
     )
 
 
@@ -158,11 +158,12 @@ def num_recorded() -> int:
 
 
 def _kernel_args(launch: Launch, ptrs) -> list:
-    """``launch``'s kernel arguments for base pointers ``ptrs`` (q, k, v, out, lse)."""
+    """``launch``'s kernel arguments for base pointers ``ptrs``."""
     p = [base + off for base, off in zip(ptrs, launch.offsets)]
     if launch.tma is not None:
-        for i, (shape, strides, block) in enumerate(launch.tma):
-            p[i] = _Descriptor(p[i], shape, strides, block)
+        for i, spec in enumerate(launch.tma):
+            if spec is not None:
+                p[i] = _Descriptor(p[i], *spec)
     return [*p, *launch.rest]
 
 
@@ -178,11 +179,11 @@ def _hooked() -> bool:
     return _hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook)
 
 
-def replay(rec: Recorded, q, k, v, out, lse) -> None:
-    """Repeat the launches of ``rec`` (recorded by ``triton_forward.forward_into`` for tensors
-    of this layout) on q, k, v, out, lse ``(batch, seq, heads, ...)``."""
-    ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
-    stream = triton.runtime.driver.active.get_current_stream(q.device.index)
+def replay(rec: Recorded, *tensors) -> None:
+    """Repeat the launches of ``rec`` (recorded for base tensors of this layout) on the base
+    tensors ``tensors``, given in the order of the recording."""
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    stream = triton.runtime.driver.active.get_current_stream(tensors[0].device.index)
     if rec.direct is None or _hooked():
         for launch in rec.launches:
             launch.kernel[launch.grid](*_kernel_args(launch, ptrs), stream=stream)
