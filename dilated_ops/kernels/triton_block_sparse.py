@@ -45,7 +45,7 @@ def supported(q: torch.Tensor, block_size: int) -> bool:
 OPTIONS = {
     "fwd": lambda bs, d: (64, 64, 4, 3) if d <= 64 else (128, 64, 4, 2),
     "dq": lambda bs, d: (64, 64, 4, 2) if d <= 64 else (128, 128, 8, 2),
-    "dkdv": lambda bs, d: (64, 64, 4, 3),
+    "dkdv": lambda bs, d: (64, 64, 4, 3) if d <= 64 else (64, 64, 4, 2),
 }
 
 
