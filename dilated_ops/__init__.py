@@ -1,7 +1,7 @@
 """dilated_ops: LongNet dilated attention as torch.compile- and torch.export-clean custom ops.
 
 Importing this package registers the ``torch.ops.dilated`` namespace. Layers, each importing
-only those below it: the API (``functional``, ``config``, ``factory``, ``modules``, ``long_net``,
+only those below it: the API (``functional``, ``sequence_parallel``, ``config``, ``factory``, ``modules``, ``long_net``,
 ``memory``, ``module_swap``, ``symbolic``, ``cli``); the graph passes (``fx_passes``); the variant
 table and the attention block (``variants``, ``attention_block``); the ops (``registrations``);
 the math (``kernels``).
@@ -12,12 +12,15 @@ from .modules import (
     BlockSparseRingDilatedAttention,
     BlockSparseRingMultiheadDilatedAttention,
     DilatedAttention,
+    DistributedDilatedAttention,
+    DistributedMultiheadDilatedAttention,
     ImprovedDilatedAttention,
     ImprovedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
     RingDilatedAttention,
     RingMultiheadDilatedAttention,
 )
+from .sequence_parallel import shard_sequence, ulysses_dilated_attention, unshard_sequence
 from .factory import create_dilated_attention, create_multihead_dilated_attention
 from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
 from .memory import clear_memory_pool, get_memory_pool_info
@@ -40,6 +43,11 @@ __all__ = [
     "RingMultiheadDilatedAttention",
     "BlockSparseRingDilatedAttention",
     "BlockSparseRingMultiheadDilatedAttention",
+    "DistributedDilatedAttention",
+    "DistributedMultiheadDilatedAttention",
+    "ulysses_dilated_attention",
+    "shard_sequence",
+    "unshard_sequence",
     "create_dilated_attention",
     "create_multihead_dilated_attention",
     "DilatedTransformerEncoderLayer",

@@ -4,7 +4,8 @@
 Each class names its row of the variant table (``implementation``, :mod:`dilated_ops.variants`),
 whose op arguments it passes: standard (``DilatedAttention``, ``MultiheadDilatedAttention``),
 improved (``Improved*``), ring (``Ring*``: in one process the op of improved, SPEC section 5;
-across processes not built yet, NotImplementedError). The multihead modules run the attention
+across processes not built yet, NotImplementedError), distributed (``Distributed*``: each rank's
+shard of a sequence sharded over a process group). The multihead modules run the attention
 block of :mod:`dilated_ops.attention_block`.
 
 The modules hold no buffers: the index math is strided views computed per call.
@@ -20,6 +21,7 @@ from . import _env, variants
 from .attention_block import attention_block
 from .config import DilatedAttentionConfig, MultiheadConfig, SparsePatternConfig, check_heads_cover_groups
 from .functional import block_sparse_attention, dilated_attention
+from .sequence_parallel import check_strategy, ulysses_dilated_attention
 
 _DIRECT = "constructed directly"
 
@@ -182,6 +184,61 @@ class RingDilatedAttention(ImprovedDilatedAttention):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", single process: same op as 'improved'"
+
+
+class DistributedDilatedAttention(ImprovedDilatedAttention):
+    """Sequence-parallel dilated attention (SPEC section 5; the "distributed" row of
+    :mod:`dilated_ops.variants`): each rank of ``process_group`` passes its contiguous shard of
+    the sequence and gets its slice of the single-process result, forward and backward (see
+    :func:`dilated_ops.ulysses_dilated_attention`, which draws the all-to-all). Outside a process
+    group of world size > 1 it is :class:`ImprovedDilatedAttention` (the same result).
+
+    Args:
+        segment_lengths, dilation_rates, use_tf32, mode: as :class:`DilatedAttention`, for the
+            whole sequence.
+        dropout: must be 0.0 (the sequence-parallel op has no attention dropout).
+        process_group: the ``torch.distributed`` group the sequence is sharded over (None: the
+            default group, looked up at each call).
+        strategy: ``"ulysses"`` (all-to-all over heads: the group's size must divide the
+            heads); ``"longnet"`` and ``"ring"`` are not built yet (NotImplementedError).
+
+    ``forward(query, key, value, is_causal=False)``: ``(batch, seq / P, heads, head_dim)`` in and
+    out, this rank's shard (:func:`dilated_ops.shard_sequence` cuts one).
+
+    Raises:
+        ValueError: ``dropout`` > 0, an unknown ``strategy``; at forward, as
+            :func:`dilated_ops.ulysses_dilated_attention` (heads not divisible by the group's
+            size, shards of different shapes).
+        NotImplementedError: a strategy not built yet.
+    """
+
+    implementation = "distributed"
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], dropout: float = 0.0,
+                 use_tf32: bool = True, mode: str = "groups", process_group=None, strategy: str = "ulysses"):
+        super().__init__(segment_lengths, dilation_rates, dropout, use_tf32, mode)
+        if dropout:
+            raise ValueError(f"dropout must be 0.0 for distributed (its op has no attention dropout): got {dropout!r}")
+        check_strategy(strategy)
+        if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None: got "
+                            f"{type(process_group).__name__}")
+        self.process_group, self.strategy = process_group, strategy
+
+    def _world_size(self) -> int:
+        if self.process_group is not None:
+            return torch.distributed.get_world_size(self.process_group)
+        return _env.distributed_world_size()
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+        if self._world_size() == 1:  # one process: the plain op, the same result
+            return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
+                                     is_causal=is_causal, backend="auto")
+        return ulysses_dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
+                                         is_causal=is_causal, group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", strategy={self.strategy!r}"
 
 
 def init_magneto(attn: nn.Module, gamma_init: float) -> None:
@@ -394,6 +451,17 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
 
     implementation = "ring"
     attention_class = RingDilatedAttention
+
+
+class DistributedMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """:class:`MultiheadDilatedAttention` over :class:`DistributedDilatedAttention`: each rank
+    passes its contiguous shard ``(batch, seq / P, embed_dim)`` of the sequence (the projections
+    are per token) and gets its shard of the output, ``(output, None)``. Same arguments as
+    :class:`MultiheadDilatedAttention`, plus the keywords ``process_group`` and ``strategy`` of
+    :class:`DistributedDilatedAttention`."""
+
+    implementation = "distributed"
+    attention_class = DistributedDilatedAttention
 
 
 class BlockSparseRingDilatedAttention(DilatedAttention):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import _checks, _env
-from . import registrations  # noqa: F401 (registers torch.ops.dilated)
+from .registrations import ulysses_attention  # importing registrations registers torch.ops.dilated
 from .config import SparsePatternConfig
 
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -55,6 +55,12 @@ def _block_sparse_args(call: Call) -> tuple:
     return (call.q, call.k, call.v, p.pattern_type, p.block_size, p.local_window_size, p.global_tokens,
             float(p.sparsity_ratio), list(call.segment_lengths), list(call.dilation_rates), bool(call.is_causal),
             call.scale)
+
+
+def _ulysses_args(call: Call) -> tuple:
+    group_name, world_size = ulysses_attention.group_args(call.options.get("process_group"))
+    return (call.q, call.k, call.v, list(call.segment_lengths), list(call.dilation_rates), call.mode,
+            bool(call.is_causal), call.scale, group_name, world_size)
 
 
 @dataclass(frozen=True)
@@ -120,9 +126,13 @@ VARIANTS: Dict[str, Variant] = {
         _on_dilated_op("ring", "one process: the op of improved (SPEC section 5: ring result = plain result)",
                        "auto", "Ring", "NotImplementedError in a process group of world size > 1"),
         Variant(
-            "distributed", "LongNet's sequence-parallel attention across processes",
-            missing="distributed: sequence-parallel dilated attention across processes (SPEC section 5) "
-            "is not built yet",
+            "distributed", "sequence-parallel attention over the ranks of a process group (SPEC section 5): "
+            "each rank passes its contiguous shard",
+            op=torch.ops.dilated.ulysses_attention, args=_ulysses_args, options=("process_group", "strategy"),
+            devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, process_group=True,
+            module="DistributedDilatedAttention", multihead_module="DistributedMultiheadDilatedAttention",
+            notes="strategy 'ulysses' (all-to-all over heads; the group's size divides heads); 'longnet' and "
+                  "'ring' not built yet; one process: the op of improved",
         ),
         Variant(
             "block_sparse", "attention over the active blocks of a block layout (SPEC section 4)",

@@ -99,6 +99,34 @@ def test_tiny_demo_converts_trains_exports_and_reloads(tmp_path):
     assert (tmp_path / "demo_model.pt2").is_file() and (tmp_path / "demo_inputs.pt").is_file()
 
 
+def test_bench_under_torchrun_times_the_process_group_rows(tmp_path):
+    """`torchrun -m dilated_ops bench`: 2 gloo ranks time the distributed row on shards of each
+    seq_len (the slowest rank's times), say what each rank sends, leave one-process rows untimed,
+    and only rank 0 writes."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dilated_ops", "bench",
+         "--device", "cpu", "--seq-lens", "256,255", "--heads", "4", "--head-dim", "8", "--segment-lengths", "64,128",
+         "--dilation-rates", "1,2", "--repeats", "2", "--warmup", "1", "--impls", "dilated-distributed,dense",
+         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    timed = [r for r in rows if r["median_ms"]]
+    assert {(r["seq_len"], r["impl"], r["pass"]) for r in timed} == {
+        ("256", "dilated-distributed", p) for p in ("fwd", "fwd+bwd")}
+    assert all(float(r["median_ms"]) > 0 and r["world_size"] == "2" for r in timed)
+    assert {r["note"] for r in rows if r["seq_len"] == "255" and r["impl"] == "dilated-distributed"} == {
+        "skipped: seq_len 255 is not divisible by the 2 ranks"}
+    assert all(r["note"].startswith("not timed here: a one-process row") for r in rows if r["impl"] == "dense")
+    # 256 tokens, 2 ranks: shards (1, 128, 4, 8) of float32; q, k, v, out and lse in, dO and the
+    # gradients out: half of each all-to-all leaves the rank.
+    fwd, bwd = (4 * 128 * 4 * 8 * 4 + 128 * 4 * 4) // 2, 4 * 128 * 4 * 8 * 4 // 2
+    assert (f"note: seq_len 256, ulysses on 2 ranks: each sends {fwd / 2**20:.4g} MiB forward, "
+            f"{(fwd + bwd) / 2**20:.4g} MiB forward+backward") in proc.stdout
+    assert proc.stdout.count("| seq_len | impl") == 1, "rank 0 reports alone"
+
+
 def test_tiny_bench_writes_csv_and_png(tmp_path):
     """The one benchmark command end to end in a fresh process, with its defaults' implementations."""
     from dilated_ops import variants
@@ -111,16 +139,21 @@ def test_tiny_bench_writes_csv_and_png(tmp_path):
     assert list(rows[0])[:7] == ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", "note"]
     built = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.built and n != "ring"}
     not_built = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if not v.built}
+    # Rows that run across processes are listed, not timed, by this one-process command.
+    elsewhere = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.process_group}
+    assert elsewhere == {"dilated-distributed"}
     impls = built | not_built | {"pregathered", "naive", "dense"}
     assert {r["impl"] for r in rows} == impls
     assert len(rows) == 2 * len(impls) * 2  # seq lens x impls x passes (CPU default: groups only)
-    timed = [r for r in rows if r["impl"] not in not_built]
+    timed = [r for r in rows if r["impl"] not in not_built | elsewhere]
     assert {"dilated-improved", "dilated-standard"} <= {r["impl"] for r in timed}
     assert all(float(r["median_ms"]) > 0 and float(r["useful_tflops"]) > 0 for r in timed)
     assert all(r["note"].startswith("not built") and not r["median_ms"] for r in rows if r["impl"] in not_built)
+    assert all(r["note"].startswith("not timed here") and not r["median_ms"] for r in rows if r["impl"] in elsewhere)
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and rows[0]["torch"] == torch.__version__
     assert "| seq_len | impl" in proc.stdout
-    assert re.search(r"\|     all \| dilated-distributed +\| not built", proc.stdout), proc.stdout
+    assert re.search(r"\|     all \| dilated-distributed +\| not timed here: distributed runs across processes",
+                     proc.stdout), proc.stdout
     # Block-sparse rows: one per length, labelled with the pattern (--pattern, --density).
     assert {r["mode"] for r in timed if r["impl"] == "dilated-block_sparse"} == {"local_window, 0.1"}
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

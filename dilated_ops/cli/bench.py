@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import os
 import sys
 from typing import Dict, List, Optional, Tuple
@@ -31,13 +32,13 @@ import torch
 from .. import _bench, _checks, modules, variants
 from .._progress import Progress
 from ..config import SparsePatternConfig
-from ..kernels import block_sparse
+from ..kernels import block_sparse, distributed
 from ._paths import check_out_dir, makedirs
 
 COLUMNS = ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", "note", "mode", "compile",
            "fwd_p10_ms", "fwd_p50_ms", "fwd_p90_ms", "fwd_gpu_ms",
            "device", "dtype", "torch", "triton", "date", "batch", "heads", "head_dim", "segment_lengths",
-           "dilation_rates", "causal", "repeats", "warmup"]
+           "dilation_rates", "causal", "repeats", "warmup", "world_size"]
 PASSES = ("fwd", "fwd+bwd")
 MODES = ("groups", "longnet")
 BASELINES = ("pregathered", "naive")
@@ -47,6 +48,7 @@ DENSE = "dense"
 ALIASES = {"block-sparse": "dilated-block_sparse", "op": "dilated-improved", "op-sdpa": "dilated-standard"}
 PROFILES = ("kernels", "host")
 NOT_BUILT = "not built"
+NOT_HERE = "not timed here"  # a row this one-process command cannot run
 
 
 def dilated_name(variant_name: str) -> str:
@@ -157,7 +159,9 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
     outputs, ``params`` the leaves the backward fills."""
     h, d = args.heads, args.head_dim
     segs, rates, causal = args.segment_lengths, args.dilation_rates, args.causal
-    q, k, v = _inputs(n, args, dtype)
+    variant = _variant(impl)
+    ranks = max(_world(args), 1) if variant is not None and variant.process_group else 1
+    q, k, v = _inputs(n // ranks, args, dtype)  # a process-group row: this rank's shard
     if impl == DENSE:
         return (lambda: [_bench.dense(q, k, v, causal)]), (q, k, v), _bench.dense_flops(n, h, d, causal)
     flops = _bench.useful_flops(n, h, d, segs, rates, mode, causal)
@@ -173,8 +177,8 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
     if impl == "pregathered":
         batches = _bench.pregather(q, k, v, segs, rates)
         return (lambda: _bench.pregathered(batches, causal)), [t for bt in batches for t in bt], flops
-    variant = _variant(impl)
     options = {}
+    flops /= ranks  # this rank's share: TF/s per GPU
     if "sparse_config" in variant.options:
         options["sparse_config"] = sparse_config(args)
         layout = block_sparse.pattern_layout(
@@ -205,11 +209,40 @@ def _pattern_label(args) -> str:
     return f"{args.pattern}, {args.density:g}"
 
 
+def launched_group(args) -> int:
+    """Under ``torchrun`` (``WORLD_SIZE`` set): the process group this command runs in, set up
+    here if the caller has not (NCCL on CUDA, one GPU per local rank; gloo on CPU); returns its
+    size, 0 when not launched so."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0
+    dist = torch.distributed
+    if torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(args.device).type == "cuda" else "gloo")
+        args.own_group = True  # destroyed at the end of run()
+    return dist.get_world_size()
+
+
+def _world(args) -> int:
+    return getattr(args, "world_size", 0)
+
+
 def _why_not_timed(n, impl, mode, args, dtype, timed_calls) -> Optional[str]:
     variant = _variant(impl)
+    world = _world(args)
     if variant is not None:
         if not variant.built:
             return f"{NOT_BUILT}: {variant.missing}"
+        if variant.process_group and not world:
+            return (f"{NOT_HERE}: {variant.name} runs across processes (torchrun --nproc-per-node P -m "
+                    f"dilated_ops bench --impls {impl} ...)")
+    if world > 1 and (variant is None or not variant.process_group):
+        return f"{NOT_HERE}: a one-process row (under torchrun only the process-group rows run)"
+    if world > 1 and n % world:
+        return f"skipped: seq_len {n} is not divisible by the {world} ranks"
+    if variant is not None:
         device_type = torch.device(args.device).type
         if dtype not in variant.dtypes(device_type):
             return f"skipped: {variant.name} does not run {args.dtype} on {device_type}"
@@ -245,6 +278,9 @@ def _rows_for(n, impl, mode, compile_mode, args, dtype, meta, timed_calls) -> Li
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return [dict(base, **{"pass": p, "note": "out of memory"}) for p in PASSES]
+    if _world(args) > 1:  # the slowest rank's times, the largest peak
+        f, fb, peak = _max_over_ranks(f, fb, peak, args.device)
+        base["note"] = _comm_note(variant, n, args, dtype)
     peak_mib = "" if peak is None else f"{peak * 1024:.1f}"
     fwd = dict(base, **{"pass": "fwd", "median_ms": f"{f:.5g}", "useful_tflops": f"{flops / f / 1e9:.4g}",
                         "peak_mib": peak_mib})
@@ -256,6 +292,26 @@ def _rows_for(n, impl, mode, compile_mode, args, dtype, meta, timed_calls) -> Li
     fb_row = dict(base, **{"pass": "fwd+bwd", "median_ms": f"{fb:.5g}",
                            "useful_tflops": f"{total_flops / fb / 1e9:.4g}", "peak_mib": peak_mib})
     return [fwd, fb_row]
+
+
+def _max_over_ranks(f: float, fb: float, peak: Optional[float], device: str):
+    dist = torch.distributed
+    t = torch.tensor([f, fb, -1.0 if peak is None else peak], dtype=torch.float64,
+                     device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    f, fb, peak_all = t.tolist()
+    return f, fb, (None if peak is None else peak_all)
+
+
+def _comm_note(variant, n: int, args, dtype) -> str:
+    """What one rank sends per call of a process-group row (the strategy's all-to-alls)."""
+    world = _world(args)
+    shard = (args.batch, n // world, args.heads, args.head_dim)
+    element = torch.empty((), dtype=dtype).element_size()
+    lse = 8 if dtype == torch.float64 else 4
+    fwd, bwd = distributed.ulysses_bytes(shard, element, lse, world)
+    return (f"seq_len {n}, ulysses on {world} ranks: each sends {fwd / 2**20:.4g} MiB forward, "
+            f"{(fwd + bwd) / 2**20:.4g} MiB forward+backward")
 
 
 def row_label(row: Dict) -> str:
@@ -298,10 +354,10 @@ def _table(rows: List[Dict], spread: bool) -> List[str]:
     if spread:
         head += ["fwd p10", "fwd p50", "fwd p90", "fwd GPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("-" * (len(c) + 2) for c in head) + "|"]
-    not_built = {}  # impl -> note: one line for all seq_lens, after the others
+    not_built = {}  # impl -> note: one line for all seq_lens, after the others (not built, not here)
     for fwd, fb in zip(rows[::2], rows[1::2]):
         cells = [f"{fwd['seq_len']:>7}", row_label(fwd).ljust(label_w)]
-        if fwd.get("note", "").startswith(NOT_BUILT):
+        if fwd.get("note", "").startswith((NOT_BUILT, NOT_HERE)):
             not_built.setdefault(fwd["impl"], fwd["note"])
             continue
         if not fwd.get("median_ms"):
@@ -321,7 +377,9 @@ def _table(rows: List[Dict], spread: bool) -> List[str]:
 def run(args, out=None) -> dict:
     out = out or sys.stdout
     validate(args)
-    say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    args.world_size = launched_group(args)
+    lead = args.world_size == 0 or torch.distributed.get_rank() == 0  # under torchrun rank 0 reports
+    say = (lambda *a: print(*a, file=out, flush=True)) if lead else (lambda *a: None)  # noqa: E731
     dtype = getattr(torch, args.dtype)
     cuda = torch.device(args.device).type == "cuda"
     makedirs("--out-dir", args.out_dir)
@@ -330,7 +388,11 @@ def run(args, out=None) -> dict:
             "heads": args.heads, "head_dim": args.head_dim,
             "segment_lengths": " ".join(map(str, args.segment_lengths)),
             "dilation_rates": " ".join(map(str, args.dilation_rates)), "causal": args.causal,
-            "repeats": args.repeats, "warmup": args.warmup}
+            "repeats": args.repeats, "warmup": args.warmup, "world_size": args.world_size or 1}
+    if args.world_size:
+        say(f"under torchrun: {args.world_size} ranks ({torch.distributed.get_backend()}); seq_len is the whole "
+            "sequence, each rank holds seq_len / ranks; times and peak memory: the largest over the ranks; "
+            "TF/s: per rank")
     say(f"dilated_ops bench: {meta['device']}, torch {meta['torch']}, Triton {meta['triton'] or 'none'}, "
         f"{args.dtype}, batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, segment_lengths "
         f"{args.segment_lengths}, dilation_rates {args.dilation_rates}, modes {args.modes}, causal {args.causal}")
@@ -348,7 +410,7 @@ def run(args, out=None) -> dict:
     rows: List[Tuple[tuple, List[Dict]]] = []
     timed_calls: Dict[tuple, str] = {}
     order = {impl: i for i, impl in enumerate(args.impls)}
-    with Progress(len(jobs), desc="  bench", stream=out) as bar:
+    with Progress(len(jobs), desc="  bench", stream=out if lead else io.StringIO()) as bar:
         for n, impl, mode, compile_mode in jobs:
             new = _rows_for(n, impl, mode, compile_mode, args, dtype, meta, timed_calls)
             key = (args.seq_lens.index(n), order[impl], args.modes.index(mode) if mode in args.modes else -1,
@@ -359,6 +421,10 @@ def run(args, out=None) -> dict:
                 torch.cuda.empty_cache()
     # Printed and written grouped by seq_len in the order of --impls (not in the order run).
     flat = [r for _, pair in sorted(rows, key=lambda kr: kr[0]) for r in pair]
+    if getattr(args, "own_group", False):
+        torch.distributed.destroy_process_group()
+    if not lead:
+        return {"csv": None, "png": None, "rows": flat}
     csv_path = os.path.join(args.out_dir, "bench.csv")
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -366,6 +432,8 @@ def run(args, out=None) -> dict:
         for row in flat:
             writer.writerow({c: row.get(c, "") for c in COLUMNS})
     say("\n".join(_table(flat, args.spread)))
+    for note in dict.fromkeys(r["note"] for r in flat if r.get("median_ms") and r.get("note")):
+        say(f"note: {note}")
     say(f"wrote {csv_path} ({len(flat)} rows)")
     png_path = os.path.join(args.out_dir, "bench.png")
     try:

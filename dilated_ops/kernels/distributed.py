@@ -77,3 +77,16 @@ def ulysses_backward(
                                        segment_lengths, dilation_rates, mode, is_causal, scale,
                                        head_start=rank * (h // world_size), total_heads=h)
     return heads_to_seq(torch.cat(grads), world_size, group, parts=3)
+
+
+def ulysses_bytes(shard_shape: Sequence[int], element_size: int, lse_element_size: int,
+                  world_size: int) -> Tuple[int, int]:
+    """``(forward, backward)`` bytes one rank sends (and receives) in the all-to-alls of one
+    Ulysses call on shards ``(b, s, h, d)``: q, k, v in and out and lse back in the forward,
+    dO in and dq, dk, dv back in the backward; of each all-to-all a rank keeps ``1 / P`` (its
+    own chunk) and sends the rest."""
+    b, s, h, d = shard_shape
+    tensor = b * s * h * d * element_size
+    fwd = (4 * tensor + b * s * h * lse_element_size) * (world_size - 1) // world_size
+    return fwd, 4 * tensor * (world_size - 1) // world_size
+

@@ -31,6 +31,16 @@ def _group(group_name: str, world_size: int):
     return group
 
 
+def group_args(group) -> Tuple[str, int]:
+    """``(group_name, world_size)``, the op's arguments for process group ``group`` (None: the
+    default group). ValueError when torch.distributed has no initialized process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("sequence-parallel attention needs an initialized torch.distributed process group "
+                         "(torch.distributed.init_process_group, e.g. under torchrun): none is")
+    group = group if group is not None else dist.group.WORLD
+    return group.group_name, dist.get_world_size(group)
+
+
 def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size):
     """The op's arguments, before any collective (a rank with bad input raises at once)."""
     segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
