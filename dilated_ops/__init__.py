@@ -20,7 +20,7 @@ from .modules import (
     RingDilatedAttention,
     RingMultiheadDilatedAttention,
 )
-from .sequence_parallel import shard_sequence, ulysses_dilated_attention, unshard_sequence
+from .sequence_parallel import sequence_parallel_attention, shard_sequence, unshard_sequence
 from .factory import create_dilated_attention, create_multihead_dilated_attention
 from .long_net import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, LongNet, LongNetLM
 from .memory import clear_memory_pool, get_memory_pool_info
@@ -45,7 +45,7 @@ __all__ = [
     "BlockSparseRingMultiheadDilatedAttention",
     "DistributedDilatedAttention",
     "DistributedMultiheadDilatedAttention",
-    "ulysses_dilated_attention",
+    "sequence_parallel_attention",
     "shard_sequence",
     "unshard_sequence",
     "create_dilated_attention",

@@ -21,7 +21,7 @@ from . import _env, variants
 from .attention_block import attention_block
 from .config import DilatedAttentionConfig, MultiheadConfig, SparsePatternConfig, check_heads_cover_groups
 from .functional import block_sparse_attention, dilated_attention
-from .sequence_parallel import check_strategy, ulysses_dilated_attention
+from .sequence_parallel import check_strategy, sequence_parallel_attention
 
 _DIRECT = "constructed directly"
 
@@ -190,7 +190,7 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
     """Sequence-parallel dilated attention (SPEC section 5; the "distributed" row of
     :mod:`dilated_ops.variants`): each rank of ``process_group`` passes its contiguous shard of
     the sequence and gets its slice of the single-process result, forward and backward (see
-    :func:`dilated_ops.ulysses_dilated_attention`, which draws the all-to-all). Outside a process
+    :func:`dilated_ops.sequence_parallel_attention`, which draws the strategies). Outside a process
     group of world size > 1 it is :class:`ImprovedDilatedAttention` (the same result).
 
     Args:
@@ -199,23 +199,25 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
         dropout: must be 0.0 (the sequence-parallel op has no attention dropout).
         process_group: the ``torch.distributed`` group the sequence is sharded over (None: the
             default group, looked up at each call).
-        strategy: ``"ulysses"`` (all-to-all over heads: the group's size must divide the
-            heads); ``"longnet"`` and ``"ring"`` are not built yet (NotImplementedError).
+        strategy: ``"auto"`` (default: ``"longnet"`` where the segments fit the shards, else
+            ``"ulysses"``), ``"longnet"`` (segments inside a shard need no communication; longer
+            ones all-gather their dilated K/V rows) or ``"ulysses"`` (all-to-all over heads: the
+            group's size must divide the heads); ``"ring"`` is not built yet.
 
     ``forward(query, key, value, is_causal=False)``: ``(batch, seq / P, heads, head_dim)`` in and
     out, this rank's shard (:func:`dilated_ops.shard_sequence` cuts one).
 
     Raises:
         ValueError: ``dropout`` > 0, an unknown ``strategy``; at forward, as
-            :func:`dilated_ops.ulysses_dilated_attention` (heads not divisible by the group's
-            size, shards of different shapes).
+            :func:`dilated_ops.sequence_parallel_attention` (a strategy the geometry does not
+            allow, shards of different shapes).
         NotImplementedError: a strategy not built yet.
     """
 
     implementation = "distributed"
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], dropout: float = 0.0,
-                 use_tf32: bool = True, mode: str = "groups", process_group=None, strategy: str = "ulysses"):
+                 use_tf32: bool = True, mode: str = "groups", process_group=None, strategy: str = "auto"):
         super().__init__(segment_lengths, dilation_rates, dropout, use_tf32, mode)
         if dropout:
             raise ValueError(f"dropout must be 0.0 for distributed (its op has no attention dropout): got {dropout!r}")
@@ -234,8 +236,9 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
         if self._world_size() == 1:  # one process: the plain op, the same result
             return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
                                      is_causal=is_causal, backend="auto")
-        return ulysses_dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
-                                         is_causal=is_causal, group=self.process_group)
+        return sequence_parallel_attention(query, key, value, self.segment_lengths, self.dilation_rates,
+                                           strategy=self.strategy, mode=self.mode, is_causal=is_causal,
+                                           group=self.process_group)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", strategy={self.strategy!r}"

@@ -1,13 +1,15 @@
 """Sequence-parallel dilated attention over a ``torch.distributed`` process group (SPEC section
 5, issue 20): each rank holds a contiguous shard of the sequence, rank ``p`` positions
 ``[p * n / P, (p + 1) * n / P)``, and gets the matching slice of the single-process result,
-forward and backward.
+forward and backward (:func:`sequence_parallel_attention`). Two strategies, each an op (the math
+in :mod:`dilated_ops.kernels.distributed`):
 
-``"ulysses"`` (DeepSpeed-Ulysses): ``torch.ops.dilated.ulysses_attention``
-(:mod:`dilated_ops.registrations.ulysses_attention`, the math in
-:mod:`dilated_ops.kernels.distributed`): an all-to-all turns q, k, v from sequence shards into
-head shards, the dilated attention of those heads runs as the window of the whole call they are
-(head groups and offsets stay the whole call's), and an all-to-all turns the output back.
+- ``"longnet"`` (``torch.ops.dilated.longnet_attention``): each rank runs the single-device op on
+  its shard; segments that span shards all-gather their dilated K/V rows. Needs every segment
+  length to divide the shard length or be a multiple of it (rate dividing the shard length).
+- ``"ulysses"`` (``torch.ops.dilated.ulysses_attention``, DeepSpeed-Ulysses): an all-to-all turns
+  q, k, v from sequence shards into head shards, the heads' dilated attention runs on the whole
+  sequence, an all-to-all turns the output back. Needs the group's size to divide the heads.
 
 :func:`shard_sequence` and :func:`unshard_sequence` cut a whole sequence into this rank's shard
 and put the shards back together.
@@ -20,10 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .kernels.distributed import longnet_geometry_error
+from .registrations import longnet_attention as _longnet
 from .registrations import ulysses_attention as _ulysses
 
-STRATEGIES = ("ulysses", "longnet", "ring")
-BUILT_STRATEGIES = ("ulysses",)
+STRATEGIES = ("auto", "longnet", "ulysses", "ring")
+BUILT_STRATEGIES = ("auto", "longnet", "ulysses")
 
 
 def check_strategy(strategy) -> None:
@@ -85,27 +89,51 @@ def unshard_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: 
     return _Unshard.apply(x.contiguous(), group, dim)
 
 
-def _check_equal_shards(q: Tensor, group, world_size: int) -> None:
-    """Every rank's q has the same shape: else each raises naming every rank's (one small
-    all-gather; a mismatched all-to-all would fail inside the backend, or hang)."""
+def _agree(q: Tensor, group, world_size: int, error: Optional[Exception]) -> None:
+    """Every rank's arguments checked out and its shard has the same shape, or every rank
+    raises: the rank whose check failed its own error, the others a ``ValueError`` quoting it,
+    and all of them the same ``ValueError`` naming each rank's shape for unequal shards. One
+    small all-gather (and a host sync); the messages travel only when a check failed."""
     device = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    mine = torch.tensor(list(q.shape), dtype=torch.int64, device=device)
-    shapes = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(shapes, mine, group=group)
-    shapes = [tuple(s.tolist()) for s in shapes]
+    mine = torch.tensor([error is not None, *q.shape], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(rows, mine, group=group)
+    rows = [tuple(r.tolist()) for r in rows]
+    failed = [i for i, r in enumerate(rows) if r[0]]
+    if failed:
+        messages = [None] * world_size
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        if error is not None:
+            raise error
+        raise ValueError(f"sequence-parallel attention: rank {failed[0]} of the group refused its arguments "
+                         f"({messages[failed[0]]})")
+    shapes = [r[1:] for r in rows]
     if len(set(shapes)) > 1:
         got = ", ".join(f"rank {i}: {s}" for i, s in enumerate(shapes))
         raise ValueError(f"sequence-parallel attention needs equal shards (batch, seq / P, heads, head_dim) on every "
                          f"rank: got {got}; dilated_ops.shard_sequence cuts them (seq divisible by P)")
 
 
-def ulysses_dilated_attention(
+def choose_strategy(strategy: str, q: Tensor, world_size: int, segment_lengths: Sequence[int],
+                    dilation_rates: Sequence[int]) -> str:
+    """The strategy ``"auto"`` stands for: ``"longnet"`` where the segments fit the shards (it
+    moves only the dilated rows of segments that span shards), else ``"ulysses"``."""
+    check_strategy(strategy)
+    if strategy != "auto":
+        return strategy
+    if longnet_geometry_error(q.shape[1], world_size, segment_lengths, dilation_rates) is None:
+        return "longnet"
+    return "ulysses"
+
+
+def sequence_parallel_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
     *,
+    strategy: str = "auto",
     mode: str = "groups",
     is_causal: bool = False,
     scale: Optional[float] = None,
@@ -113,11 +141,13 @@ def ulysses_dilated_attention(
     check_shards: bool = True,
 ) -> Tensor:
     """Dilated attention (as :func:`dilated_ops.dilated_attention`) of a sequence sharded over
-    the ranks of ``group``, by the Ulysses all-to-all over heads. With 2 ranks, 8 tokens::
+    the ranks of ``group``. With 2 ranks, 8 tokens, one branch ``w = 8, r = 2``::
 
-        rank 0: q, k, v positions 0-3, heads 0..h-1  --all-to-all-->  positions 0-7, heads 0..h/2-1
-        rank 1: q, k, v positions 4-7, heads 0..h-1  --all-to-all-->  positions 0-7, heads h/2..h-1
-        each rank: the dilated op on its heads, then the output back the same way
+        positions   0 1 2 3 | 4 5 6 7      rank 0 holds 0-3, rank 1 holds 4-7
+        longnet:    x . x . | x . x .      each rank attends its own rows, all-gathers the
+                                           segment's other rows (0, 2 <-> 4, 6), merges by lse
+        ulysses:    all-to-all: rank 0 gets positions 0-7 of heads 0..h/2-1, rank 1 the rest;
+                    each runs the op on its heads; all-to-all back
 
     Args:
         q: ``(batch, seq / P, heads, head_dim)``: this rank's contiguous shard of the sequence.
@@ -125,25 +155,38 @@ def ulysses_dilated_attention(
         v: as q.
         segment_lengths, dilation_rates, mode, is_causal, scale: as
             :func:`dilated_ops.dilated_attention`, for the whole sequence.
-        group: the process group (default: the world); its size ``P`` must divide ``heads``.
-        check_shards: first check that every rank's shard has the same shape (one small
-            all-gather and a host sync; eager calls only, skipped while ``torch.compile``
-            traces).
+        strategy: ``"auto"`` (``"longnet"`` where the segments fit the shards, else
+            ``"ulysses"``), ``"longnet"`` or ``"ulysses"``; ``"ring"`` is not built yet.
+        group: the process group (default: the world).
+        check_shards: first agree across ranks that every rank's arguments are valid and its
+            shard has the same shape, so that every rank raises (one small all-gather and a host
+            sync; eager calls only, skipped while ``torch.compile`` traces). Without it a rank
+            with bad input raises alone and the launcher stops the others.
 
     Returns:
         ``(batch, seq / P, heads, head_dim)``: this rank's slice of the single-process output.
 
     Raises:
-        ValueError: no initialized process group; ``P`` does not divide ``heads``; shards of
+        ValueError: no initialized process group; an unknown strategy; "ulysses" with heads not
+            divisible by ``P``; "longnet" with segments that do not fit the shards; shards of
             different shapes (with ``check_shards``); bad arguments as
             :func:`dilated_ops.dilated_attention`.
+        NotImplementedError: ``strategy="ring"``.
     """
     group, group_name, world_size = _group_and_size(group)
-    # Checked before the op (whose schema would convert some values first) and before any
-    # collective: a rank with bad input raises at once.
-    segment_lengths, dilation_rates, scale = _ulysses.check_arguments(
-        q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
-    if check_shards and not torch.compiler.is_compiling():
-        _check_equal_shards(q, group, world_size)
-    return torch.ops.dilated.ulysses_attention(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale,
-                                               group_name, world_size)[0]
+    agree = check_shards and not torch.compiler.is_compiling()
+    # Checked before the op (whose schema would convert some values first) and before the op's
+    # collectives; with check_shards every rank learns of a rank's bad input and raises.
+    try:
+        strategy = choose_strategy(strategy, q, world_size, segment_lengths, dilation_rates)
+        registration = _longnet if strategy == "longnet" else _ulysses
+        segment_lengths, dilation_rates, scale = registration.check_arguments(
+            q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        if not agree:
+            raise
+        _agree(q, group, world_size, error)
+    if agree:
+        _agree(q, group, world_size, None)
+    op = torch.ops.dilated.longnet_attention if strategy == "longnet" else torch.ops.dilated.ulysses_attention
+    return op(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size)[0]

@@ -131,8 +131,9 @@ VARIANTS: Dict[str, Variant] = {
             op=torch.ops.dilated.ulysses_attention, args=_ulysses_args, options=("process_group", "strategy"),
             devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, process_group=True,
             module="DistributedDilatedAttention", multihead_module="DistributedMultiheadDilatedAttention",
-            notes="strategy 'ulysses' (all-to-all over heads; the group's size divides heads); 'longnet' and "
-                  "'ring' not built yet; one process: the op of improved",
+            notes="strategy 'longnet' (the single-device op per shard, dilated K/V rows of segments spanning "
+                  "shards all-gathered) or 'ulysses' (all-to-all over heads); 'auto' picks; 'ring' not built "
+                  "yet; rewrites emit the Ulysses op; one process: the op of improved",
         ),
         Variant(
             "block_sparse", "attention over the active blocks of a block layout (SPEC section 4)",

@@ -108,6 +108,7 @@ def test_bench_under_torchrun_times_the_process_group_rows(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dilated_ops", "bench",
          "--device", "cpu", "--seq-lens", "256,255", "--heads", "4", "--head-dim", "8", "--segment-lengths", "64,128",
          "--dilation-rates", "1,2", "--repeats", "2", "--warmup", "1", "--impls", "dilated-distributed,dense",
+         "--strategy", "ulysses",
          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "bench.csv", newline="") as f:
@@ -122,7 +123,7 @@ def test_bench_under_torchrun_times_the_process_group_rows(tmp_path):
     # 256 tokens, 2 ranks: shards (1, 128, 4, 8) of float32; q, k, v, out and lse in, dO and the
     # gradients out: half of each all-to-all leaves the rank.
     fwd, bwd = (4 * 128 * 4 * 8 * 4 + 128 * 4 * 4) // 2, 4 * 128 * 4 * 8 * 4 // 2
-    assert (f"note: seq_len 256, ulysses on 2 ranks: each sends {fwd / 2**20:.4g} MiB forward, "
+    assert (f"note: seq_len 256, groups, ulysses on 2 ranks: each sends {fwd / 2**20:.4g} MiB forward, "
             f"{(fwd + bwd) / 2**20:.4g} MiB forward+backward") in proc.stdout
     assert proc.stdout.count("| seq_len | impl") == 1, "rank 0 reports alone"
 

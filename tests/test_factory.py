@@ -111,7 +111,7 @@ def test_auto_with_a_process_group_picks_distributed(machine):
 
 
 def test_distributed_options_are_checked(machine):
-    with pytest.raises(ValueError, match="strategy must be one of 'ulysses', 'longnet', 'ring': got 'fast'"):
+    with pytest.raises(ValueError, match="strategy must be one of 'auto', 'longnet', 'ulysses', 'ring': got 'fast'"):
         create_dilated_attention("distributed", **SEGS, strategy="fast")
     with pytest.raises(NotImplementedError, match="distributed: strategy 'ring' is not built yet"):
         create_multihead_dilated_attention("distributed", **MH, **SEGS, strategy="ring")

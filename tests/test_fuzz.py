@@ -87,7 +87,30 @@ def ulysses_case(seed: int, i: int, world_size: int):
     return dict(b=rng.randint(1, 2), n=world_size * rng.randint(1, 12), h=world_size * per_rank,
                 d=rng.choice([1, 3, 8]), segs=[r * rng.choice([1, 2, 3, 5, 8]) for r in rates], rates=rates,
                 mode=mode, causal=rng.random() < 0.5, scale=rng.choice([None, 0.37, -0.6]),
-                data=rng.randrange(2**31))
+                data=rng.randrange(2**31), strategy="ulysses")
+
+
+def longnet_case(seed: int, i: int, world_size: int):
+    """Branches the LongNet strategy takes: segments inside a shard (dividing its length ``s``)
+    or spanning ``m`` whole shards (``m`` up to ``P + 2``: a last segment on fewer ranks, or one
+    longer than the sequence), rates dividing ``s``; any head count."""
+    rng = random.Random(f"{seed}-longnet{world_size}-{i}")
+    s = rng.choice([1, 2, 4, 6, 8, 12])
+    divisors = [x for x in range(1, s + 1) if s % x == 0]
+    segs, rates = [], []
+    for _ in range(rng.randint(1, 3)):
+        if rng.random() < 0.5:  # inside a shard
+            w = rng.choice(divisors)
+            r = rng.choice([x for x in divisors if w % x == 0])
+        else:  # spanning whole shards
+            r = rng.choice(divisors)
+            w = s * rng.randint(2, world_size + 2)
+        segs.append(w)
+        rates.append(r)
+    mode = rng.choice(["groups", "longnet"])
+    return dict(b=rng.randint(1, 2), n=world_size * s, h=rng.randint(len(segs) if mode == "groups" else 1, 5),
+                d=rng.choice([1, 3, 8]), segs=segs, rates=rates, mode=mode, causal=rng.random() < 0.5,
+                scale=rng.choice([None, 0.37, -0.6]), data=rng.randrange(2**31), strategy="longnet")
 
 
 def close(got, want, tol=1e-9) -> bool:
@@ -148,8 +171,8 @@ def check_window(c) -> bool:
     return close(got, out[:, :, a:b], 1e-12) and all(close(x, w[:, :, a:b], 1e-12) for x, w in zip(got_grads, grads))
 
 
-def check_ulysses(c, rank: int, world_size: int) -> bool:
-    from dilated_ops.sequence_parallel import ulysses_dilated_attention
+def check_sequence_parallel(c, rank: int, world_size: int) -> bool:
+    from dilated_ops.sequence_parallel import sequence_parallel_attention
 
     torch.manual_seed(c["data"])  # the same full inputs on every rank
     full = [torch.randn(c["b"], c["n"], c["h"], c["d"], dtype=torch.float64, requires_grad=True) for _ in range(3)]
@@ -159,24 +182,29 @@ def check_ulysses(c, rank: int, world_size: int) -> bool:
     grads = torch.autograd.grad(out, full, g)
     mine = slice(rank * c["n"] // world_size, (rank + 1) * c["n"] // world_size)
     shards = [t.detach()[:, mine].clone().requires_grad_() for t in full]
-    got = ulysses_dilated_attention(*shards, c["segs"], c["rates"], **kw)
+    got = sequence_parallel_attention(*shards, c["segs"], c["rates"], strategy=c["strategy"], **kw)
     got_grads = torch.autograd.grad(got, shards, g[:, mine])
     return close(got, out[:, mine]) and all(close(x, w[:, mine]) for x, w in zip(got_grads, grads))
 
 
-def _ulysses_worker(rank: int, world_size: int, init_file: str, cases, result_file: str) -> None:
+CASES = {"ulysses": ulysses_case, "longnet": longnet_case}
+
+
+def _sequence_parallel_worker(rank: int, world_size: int, init_file: str, strategy: str, cases,
+                              result_file: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    make = CASES[strategy]
     try:
-        failed = [i for i in cases if not check_ulysses(ulysses_case(SEED, i, world_size), rank, world_size)]
+        failed = [i for i in cases if not check_sequence_parallel(make(SEED, i, world_size), rank, world_size)]
     finally:
         dist.destroy_process_group()
     with open(f"{result_file}.{rank}", "w") as f:
         json.dump(failed, f)
 
 
-def run_ulysses(capsys, world_size: int, default_count: int) -> None:
+def run_sequence_parallel(capsys, strategy: str, world_size: int, default_count: int) -> None:
     import torch.multiprocessing as mp
 
     count = int(os.environ.get("DILATED_OPS_FUZZ_COUNT", default_count))
@@ -186,11 +214,12 @@ def run_ulysses(capsys, world_size: int, default_count: int) -> None:
         result = os.path.join(tmp, "failed")
         # the seed travels in the environment: a spawned process draws its own SEED otherwise
         os.environ["DILATED_OPS_FUZZ_SEED"] = str(SEED)
-        mp.spawn(_ulysses_worker, args=(world_size, os.path.join(tmp, "init"), cases, result), nprocs=world_size)
+        mp.spawn(_sequence_parallel_worker, args=(world_size, os.path.join(tmp, "init"), strategy, cases, result),
+                 nprocs=world_size)
         failed = sorted({i for r in range(world_size) for i in json.load(open(f"{result}.{r}"))})
-    say(capsys, f"fuzz ulysses on {world_size} gloo processes: seed {SEED}, {len(cases)} configurations, "
+    say(capsys, f"fuzz {strategy} on {world_size} gloo processes: seed {SEED}, {len(cases)} configurations, "
         f"{len(failed)} mismatches, {time.perf_counter() - start:.1f} s")
-    replay = [f"DILATED_OPS_FUZZ_SEED={SEED} DILATED_OPS_FUZZ_CASE={i}: {ulysses_case(SEED, i, world_size)}"
+    replay = [f"DILATED_OPS_FUZZ_SEED={SEED} DILATED_OPS_FUZZ_CASE={i}: {CASES[strategy](SEED, i, world_size)}"
               for i in failed[:5]]
     assert not failed, "mismatches against the single-process op; replay with:\n" + "\n".join(replay)
 
@@ -218,9 +247,10 @@ def test_fuzz_head_window(capsys):
     run(capsys, "dilated_attention head window", window_case, check_window, 1000)
 
 
+@pytest.mark.parametrize("strategy", ["ulysses", "longnet"])
 @pytest.mark.parametrize("world_size,count", [(2, 100), (4, 40)])
-def test_fuzz_ulysses(capsys, world_size, count):
-    run_ulysses(capsys, world_size, count)
+def test_fuzz_sequence_parallel(capsys, strategy, world_size, count):
+    run_sequence_parallel(capsys, strategy, world_size, count)
 
 
 def test_the_fuzzer_can_fail(monkeypatch, capsys):

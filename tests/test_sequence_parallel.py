@@ -1,5 +1,6 @@
 """Sequence-parallel dilated attention (issue 20) on CPU processes over gloo: each rank's output
 slice and q/k/v gradients equal the single-process op's (float64, 1e-10)."""
+import itertools
 import operator
 import os
 import tempfile
@@ -9,24 +10,43 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# Shards shorter and longer than segments, windows cutting head groups and offset classes.
+# Shards shorter and longer than segments, windows cutting head groups and offset classes; for
+# longnet, segments inside a shard, spanning all shards, spanning 2 of 4, longer than the sequence.
 CASES = [
     # (seq, heads, segment_lengths, dilation_rates)
     (32, 4, [4, 8, 32], [1, 2, 4]),
     (48, 8, [8, 64], [2, 8]),
     (24, 12, [3, 6, 12], [1, 3, 2]),
+    (64, 3, [8, 32, 128], [1, 2, 8]),
 ]
 
 
-def _ulysses_worker(rank: int, world_size: int, init_file: str) -> None:
+def _fits(strategy: str, n: int, h: int, segs, rates, world_size: int) -> bool:
+    from dilated_ops.kernels.distributed import longnet_geometry_error
+
+    if strategy == "ulysses":
+        return h % world_size == 0
+    return longnet_geometry_error(n // world_size, world_size, segs, rates) is None
+
+
+def _equality_worker(rank: int, world_size: int, init_file: str, strategy: str) -> None:
     import dilated_ops
-    from dilated_ops.sequence_parallel import ulysses_dilated_attention
+    from dilated_ops.sequence_parallel import sequence_parallel_attention
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
+        ran = 0
         for n, h, segs, rates in CASES:
-            if h % world_size:
+            s = n // world_size
+            mine = slice(rank * s, (rank + 1) * s)
+            if not _fits(strategy, n, h, segs, rates, world_size):
+                # refused with a clear error on every rank, before any collective
+                q = torch.randn(1, s, h, 8, dtype=torch.float64)
+                with pytest.raises(ValueError, match="must divide num_heads" if strategy == "ulysses" else
+                                   "the longnet strategy needs each segment length to divide the shard length"):
+                    sequence_parallel_attention(q, q, q, segs, rates, strategy=strategy)
                 continue
+            ran += 1
             for mode in ("groups", "longnet"):
                 for is_causal in (False, True):
                     torch.manual_seed(0)  # the same full inputs on every rank
@@ -34,98 +54,130 @@ def _ulysses_worker(rank: int, world_size: int, init_file: str) -> None:
                     g = torch.randn(2, n, h, 8, dtype=torch.float64)
                     out = dilated_ops.dilated_attention(*full, segs, rates, mode=mode, is_causal=is_causal)
                     grads = torch.autograd.grad(out, full, g)
-                    s = n // world_size
-                    mine = slice(rank * s, (rank + 1) * s)
                     shards = [t.detach()[:, mine].clone().requires_grad_() for t in full]
-                    got = ulysses_dilated_attention(*shards, segs, rates, mode=mode, is_causal=is_causal)
+                    got = sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
+                                                      is_causal=is_causal)
                     got_grads = torch.autograd.grad(got, shards, g[:, mine])
-                    where = f"rank {rank}/{world_size}, n={n}, h={h}, {segs}, {rates}, {mode}, causal={is_causal}"
+                    where = (f"{strategy}, rank {rank}/{world_size}, n={n}, h={h}, {segs}, {rates}, {mode}, "
+                             f"causal={is_causal}")
                     torch.testing.assert_close(got, out[:, mine], rtol=1e-10, atol=1e-10, msg=where)
                     for x, want in zip(got_grads, grads):
                         torch.testing.assert_close(x, want[:, mine], rtol=1e-10, atol=1e-10, msg=where)
+        assert ran >= 2, f"{strategy} on {world_size} ranks ran {ran} of the cases"
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("strategy", ["ulysses", "longnet"])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_ulysses_equals_the_single_process_op(world_size):
+def test_each_strategy_equals_the_single_process_op(world_size, strategy):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ulysses_worker, args=(world_size, os.path.join(tmp, "init")), nprocs=world_size, join=True)
+        mp.spawn(_equality_worker, args=(world_size, os.path.join(tmp, "init"), strategy), nprocs=world_size,
+                 join=True)
 
 
-def _failing_worker(rank: int, world_size: int, init_file: str) -> None:
+def _failing_worker(rank: int, world_size: int, init_file: str, check_shards: bool, out_dir: str) -> None:
     import datetime
 
-    from dilated_ops.sequence_parallel import ulysses_dilated_attention
+    from dilated_ops.sequence_parallel import sequence_parallel_attention
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
     q = torch.randn(1, 8, 4, 8, dtype=torch.float64)
     rates = [1, 2] if rank == 0 else [1, 3]  # rank 1 passes a bad rate (8 % 3 != 0)
-    ulysses_dilated_attention(q, q, q, [4, 8], rates)
+    if not check_shards:
+        sequence_parallel_attention(q, q, q, [4, 8], rates, check_shards=False)
+    try:
+        sequence_parallel_attention(q, q, q, [4, 8], rates)
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    with open(os.path.join(out_dir, str(rank)), "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
 
 
-def test_a_rank_that_raises_fails_the_job_with_its_error_and_no_hang():
-    """The arguments are checked before any collective, so the rank with bad input raises at
-    once; the launcher (here mp.spawn, torchrun alike) then stops the rank waiting in the
-    all-to-all: the job fails with that rank's message, well before the group's timeout."""
+def test_a_rank_that_raises_makes_every_rank_raise_its_error():
+    """The ranks agree on their arguments before the op's collectives: the rank with bad input
+    raises its own error, every other rank a ValueError quoting it; nobody hangs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_failing_worker, args=(2, os.path.join(tmp, "init"), True, tmp), nprocs=2, join=True)
+        messages = [open(os.path.join(tmp, str(r))).read() for r in range(2)]
+    cause = "segment_lengths[1] (8) must be divisible by dilation_rates[1] (3)"
+    assert messages[1].startswith(cause), messages
+    assert messages[0].startswith("sequence-parallel attention: rank 1 of the group refused its arguments "
+                                  f"(ValueError: {cause}"), messages
+
+
+def test_without_the_check_a_rank_that_raises_still_fails_the_job_with_no_hang():
+    """check_shards=False: the arguments are still checked before any collective, so the rank
+    with bad input raises at once; the launcher (here mp.spawn, torchrun alike) then stops the
+    rank waiting in the collective: the job fails with that rank's message, well before the
+    group's timeout."""
     import time
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         with pytest.raises(mp.ProcessRaisedException, match=r"segment_lengths\[1\] \(8\) must be divisible"):
-            mp.spawn(_failing_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+            mp.spawn(_failing_worker, args=(2, os.path.join(tmp, "init"), False, tmp), nprocs=2, join=True)
     assert time.monotonic() - start < 50
 
 
 def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
-    from dilated_ops.sequence_parallel import ulysses_dilated_attention
+    from dilated_ops.sequence_parallel import sequence_parallel_attention
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # shards of 12: segments of 4 and 12 inside them, 24 spanning both (longnet gathers its rows)
+    segs, rates = [4, 12, 24], [1, 2, 4]
     try:
-        torch.manual_seed(rank)
-        eager_in = [torch.randn(2, 12, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-        compiled_in = [t.detach().clone().requires_grad_() for t in eager_in]
-        g = torch.randn(2, 12, 4, 8, dtype=torch.float64)
+        for strategy in ("ulysses", "longnet"):
+            op = getattr(torch.ops.dilated, f"{strategy}_attention")
+            torch.manual_seed(rank)
+            eager_in = [torch.randn(2, 12, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+            compiled_in = [t.detach().clone().requires_grad_() for t in eager_in]
+            g = torch.randn(2, 12, 4, 8, dtype=torch.float64)
 
-        def fn(q, k, v):
-            return ulysses_dilated_attention(q, k, v, [4, 8, 24], [1, 2, 4], mode="longnet", is_causal=True)
+            def fn(q, k, v):
+                return sequence_parallel_attention(q, k, v, segs, rates, strategy=strategy, mode="longnet",
+                                                   is_causal=True)
 
-        want = fn(*eager_in)
-        want_grads = torch.autograd.grad(want, eager_in, g)
-        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*compiled_in)
-        got_grads = torch.autograd.grad(got, compiled_in, g)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        for x, y in zip(got_grads, want_grads):
-            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
-        # torch.export: the op is one node (the group recorded by name), saved and loaded
-        class Attention(torch.nn.Module):
-            def forward(self, q, k, v):
-                return fn(q, k, v)
+            want = fn(*eager_in)
+            want_grads = torch.autograd.grad(want, eager_in, g)
+            torch._dynamo.reset()
+            got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*compiled_in)
+            got_grads = torch.autograd.grad(got, compiled_in, g)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            for x, y in zip(got_grads, want_grads):
+                torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
-        ep = torch.export.export(Attention(), tuple(t.detach() for t in eager_in))
-        calls = [n.target for n in ep.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
-        assert calls == [torch.ops.dilated.ulysses_attention.default], calls
-        path = os.path.join(os.path.dirname(init_file), f"ulysses{rank}.pt2")
-        torch.export.save(ep, path)
-        torch.testing.assert_close(torch.export.load(path).module()(*(t.detach() for t in eager_in)), want.detach(),
-                                   rtol=0, atol=0)
-        # a world_size that is not the group's: a clear error on every rank, before any collective
-        with pytest.raises(ValueError, match=r"world_size \(4\) must be the size of process group"):
-            torch.ops.dilated.ulysses_attention(*eager_in, [4, 8, 24], [1, 2, 4], "longnet", True, None,
-                                                dist.group.WORLD.group_name, 4)
-        # every rank runs opcheck's calls in the same order, so their collectives pair up
-        torch.library.opcheck(torch.ops.dilated.ulysses_attention.default,
-                              (*compiled_in, [4, 8, 24], [1, 2, 4], "longnet", True, None,
-                               dist.group.WORLD.group_name, world_size))
+            # torch.export: the op is one node (the group recorded by name), saved and loaded
+            class Attention(torch.nn.Module):
+                def forward(self, q, k, v):
+                    return fn(q, k, v)
+
+            ep = torch.export.export(Attention(), tuple(t.detach() for t in eager_in))
+            calls = [n.target for n in ep.graph.nodes
+                     if n.op == "call_function" and n.target is not operator.getitem]
+            assert calls == [op.default], calls
+            path = os.path.join(os.path.dirname(init_file), f"{strategy}{rank}.pt2")
+            torch.export.save(ep, path)
+            torch.testing.assert_close(torch.export.load(path).module()(*(t.detach() for t in eager_in)),
+                                       want.detach(), rtol=0, atol=0)
+            # a world_size that is not the group's: a clear error on every rank, before any collective
+            with pytest.raises(ValueError, match=r"world_size \(4\) must be the size of process group|"
+                                                 r"the longnet strategy needs"):
+                op(*eager_in, segs, rates, "longnet", True, None, dist.group.WORLD.group_name, 4)
+            # every rank runs opcheck's calls in the same order, so their collectives pair up
+            torch.library.opcheck(op.default, (*compiled_in, segs, rates, "longnet", True, None,
+                                               dist.group.WORLD.group_name, world_size))
     finally:
         dist.destroy_process_group()
 
 
-def test_ulysses_compiles_exports_and_passes_opcheck():
-    """torch.compile(fullgraph=True) with the op as one node, results equal to eager, forward
-    and backward; torch.export with the op as one node, saved and loaded; torch.library.opcheck
-    of the op (fake kernel, autograd, AOT dispatch) in a 2-rank group."""
+def test_both_strategies_compile_export_and_pass_opcheck():
+    """Per strategy: torch.compile(fullgraph=True) with the op as one node, results equal to
+    eager, forward and backward; torch.export with the op as one node, saved and loaded;
+    torch.library.opcheck of the op (fake kernel, autograd, AOT dispatch) in a 2-rank group."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_compile_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
 
@@ -175,6 +227,13 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         want = dilated_ops.dilated_attention(q, k, v, [8, 32], [1, 4], mode="longnet")
         torch.testing.assert_close(a(*shards), dilated_ops.shard_sequence(want), **close)
 
+        # Each strategy through the module: 8 inside the shards of 24, 48 spanning both.
+        for strategy in ("longnet", "ulysses"):
+            a = dilated_ops.create_dilated_attention("distributed", segment_lengths=[8, 48], dilation_rates=[1, 4],
+                                                     strategy=strategy)
+            want = dilated_ops.dilated_attention(q, k, v, [8, 48], [1, 4], is_causal=True)
+            torch.testing.assert_close(a(*shards, is_causal=True), dilated_ops.shard_sequence(want), **close)
+
         # A graph rewrite targeting "distributed": nn.MultiheadAttention run on each rank's shard.
         mha = torch.nn.MultiheadAttention(32, 4, batch_first=True, dtype=torch.float64)
         local, _ = dilated_ops.convert(copy.deepcopy(mha), [8, 16, 32], [1, 2, 4], implementation="improved")
@@ -198,17 +257,42 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         leaves = [s.clone().requires_grad_() for s in shards]
         dist.all_to_all_single = counting
         try:
-            out = dilated_ops.ulysses_dilated_attention(*leaves, [8, 32], [1, 4], mode="longnet")
+            out = dilated_ops.sequence_parallel_attention(*leaves, [8, 32], [1, 4], strategy="ulysses", mode="longnet")
             forward = sum(sent)
             out.backward(torch.randn_like(out))
         finally:
             dist.all_to_all_single = real
         assert (forward, sum(sent) - forward) == ulysses_bytes(leaves[0].shape, 8, 8, world_size)
 
+        # LongNet: the all-gather and the reduce-scatter, counted as a ring moves them (segment 48
+        # spans both shards of 24: its dilated rows travel)
+        from dilated_ops.kernels import distributed as kernels
+
+        sent.clear()
+        real_gather, real_scatter = kernels._ALL_GATHER, kernels._REDUCE_SCATTER
+
+        def gather(output, input, *args, **kwargs):
+            sent.append((world_size - 1) * input.numel() * input.element_size())
+            return real_gather(output, input, *args, **kwargs)
+
+        def scatter(output, input, *args, **kwargs):
+            sent.append((world_size - 1) * output.numel() * output.element_size())
+            return real_scatter(output, input, *args, **kwargs)
+
+        kernels._ALL_GATHER, kernels._REDUCE_SCATTER = gather, scatter
+        try:
+            out = dilated_ops.sequence_parallel_attention(*leaves, [8, 48], [1, 4], strategy="longnet", mode="longnet")
+            forward = sum(sent)
+            out.backward(torch.randn_like(out))
+        finally:
+            kernels._ALL_GATHER, kernels._REDUCE_SCATTER = real_gather, real_scatter
+        want = kernels.longnet_bytes(leaves[0].shape, 8, 8, world_size, [8, 48], [1, 4], "longnet")
+        assert forward > 0 and (forward, sum(sent) - forward) == want, (forward, sum(sent), want)
+
         # Shards of different lengths: the same clear error on every rank, no hang.
         q = torch.randn(1, 8 + 4 * rank, 4, 8, dtype=torch.float64)
         with pytest.raises(ValueError, match=r"equal shards .*: got rank 0: \(1, 8, 4, 8\), rank 1: \(1, 12, 4, 8\)"):
-            dilated_ops.ulysses_dilated_attention(q, q, q, [4, 8], [1, 2])
+            dilated_ops.sequence_parallel_attention(q, q, q, [4, 8], [1, 2])
         with pytest.raises(ValueError, match=r"sequence length \(7, dim 1\) must be divisible by the process "
                                              r"group's size \(2\)"):
             dilated_ops.shard_sequence(torch.randn(1, 7, 4))
@@ -233,7 +317,7 @@ def test_distributed_outside_a_process_group_is_the_plain_op():
                                dilated_ops.dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True),
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs an initialized torch.distributed process group"):
-        dilated_ops.ulysses_dilated_attention(q, k, v, [8, 16], [1, 2])
+        dilated_ops.sequence_parallel_attention(q, k, v, [8, 16], [1, 2])
     with pytest.raises(ValueError, match="needs an initialized torch.distributed process group"):
         dilated_ops.shard_sequence(q)
 
@@ -266,29 +350,31 @@ def _nccl_worker(rank: int, world_size: int, init_file: str) -> None:
         n, h, d, segs, rates = 8192, 12, 64, [512, 2048, 8192], [1, 2, 4]
         s = n // world_size
         mine = slice(rank * s, (rank + 1) * s)
-        for mode in ("groups", "longnet"):
-            for is_causal in (False, True):
-                torch.manual_seed(0)  # the same whole inputs on every rank
-                full = [torch.randn(2, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                        for _ in range(3)]
-                g = torch.randn(2, n, h, d, device="cuda", dtype=torch.bfloat16)
-                want = dilated_ops.dilated_attention(*full, segs, rates, mode=mode, is_causal=is_causal)
-                want_grads = torch.autograd.grad(want, full, g)
-                shards = [t.detach()[:, mine].clone().requires_grad_() for t in full]
-                got = dilated_ops.ulysses_dilated_attention(*shards, segs, rates, mode=mode, is_causal=is_causal)
-                got_grads = torch.autograd.grad(got, shards, g[:, mine])
-                for x, y in zip((got, *got_grads), (want, *want_grads)):
-                    y = y[:, mine].float()
-                    err = ((x.float() - y).norm() / y.norm()).item()
-                    assert err < 1e-2, (rank, world_size, mode, is_causal, err)
+        for strategy, mode, is_causal in itertools.product(("ulysses", "longnet"), ("groups", "longnet"),
+                                                           (False, True)):
+            torch.manual_seed(0)  # the same whole inputs on every rank
+            full = [torch.randn(2, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(3)]
+            g = torch.randn(2, n, h, d, device="cuda", dtype=torch.bfloat16)
+            want = dilated_ops.dilated_attention(*full, segs, rates, mode=mode, is_causal=is_causal)
+            want_grads = torch.autograd.grad(want, full, g)
+            shards = [t.detach()[:, mine].clone().requires_grad_() for t in full]
+            got = dilated_ops.sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
+                                                          is_causal=is_causal)
+            got_grads = torch.autograd.grad(got, shards, g[:, mine])
+            for x, y in zip((got, *got_grads), (want, *want_grads)):
+                y = y[:, mine].float()
+                err = ((x.float() - y).norm() / y.norm()).item()
+                assert err < 1e-2, (rank, world_size, strategy, mode, is_causal, err)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_ulysses_on_gpus_over_nccl_matches_one_gpu(world_size):
-    """bf16 on 2 and 4 GPUs over NCCL: each rank's output slice and q/k/v gradients match the
-    one-GPU op on the whole sequence (relative error < 1e-2), both modes, causal and not."""
+def test_both_strategies_on_gpus_over_nccl_match_one_gpu(world_size):
+    """bf16 on 2 and 4 GPUs over NCCL, Ulysses and LongNet: each rank's output slice and q/k/v
+    gradients match the one-GPU op on the whole sequence (relative error < 1e-2), both modes,
+    causal and not."""
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} CUDA GPUs (found {torch.cuda.device_count()})")
     with tempfile.TemporaryDirectory() as tmp:

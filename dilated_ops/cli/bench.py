@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import _bench, _checks, modules, variants
+from .. import _bench, _checks, modules, sequence_parallel, variants
 from .._progress import Progress
 from ..config import SparsePatternConfig
 from ..kernels import block_sparse, distributed
@@ -99,6 +99,7 @@ def validate(args) -> None:
     args.device = resolve_device(args.device)
     _checks.check_segments(args.segment_lengths, args.dilation_rates)
     sparse_config(args)  # --pattern, --block-size, --density checked as SparsePatternConfig fields
+    sequence_parallel.check_strategy(args.strategy)
     for mode in args.modes:
         _checks.check_mode(mode)
     for name in ("heads", "head_dim", "batch", "repeats", "warmup", "dense_max"):
@@ -186,6 +187,8 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
             causal, torch.device("cpu"))
         flops = _bench.block_sparse_flops(layout, h, d, args.block_size, causal)
     # The row's own single-head module (variants.Variant.module): what a user of the row runs.
+    if variant.process_group:
+        options["strategy"] = args.strategy
     module = getattr(modules, variant.module)(segs, rates, mode=mode if mode in MODES else "groups", **options)
 
     def call(q, k, v):
@@ -280,7 +283,7 @@ def _rows_for(n, impl, mode, compile_mode, args, dtype, meta, timed_calls) -> Li
         return [dict(base, **{"pass": p, "note": "out of memory"}) for p in PASSES]
     if _world(args) > 1:  # the slowest rank's times, the largest peak
         f, fb, peak = _max_over_ranks(f, fb, peak, args.device)
-        base["note"] = _comm_note(variant, n, args, dtype)
+        base["note"] = _comm_note(variant, n, mode, args, dtype)
     peak_mib = "" if peak is None else f"{peak * 1024:.1f}"
     fwd = dict(base, **{"pass": "fwd", "median_ms": f"{f:.5g}", "useful_tflops": f"{flops / f / 1e9:.4g}",
                         "peak_mib": peak_mib})
@@ -303,14 +306,20 @@ def _max_over_ranks(f: float, fb: float, peak: Optional[float], device: str):
     return f, fb, (None if peak is None else peak_all)
 
 
-def _comm_note(variant, n: int, args, dtype) -> str:
-    """What one rank sends per call of a process-group row (the strategy's all-to-alls)."""
+def _comm_note(variant, n: int, mode: str, args, dtype) -> str:
+    """The strategy a process-group row ran and what one rank sends per call."""
     world = _world(args)
     shard = (args.batch, n // world, args.heads, args.head_dim)
-    element = torch.empty((), dtype=dtype).element_size()
-    lse = 8 if dtype == torch.float64 else 4
-    fwd, bwd = distributed.ulysses_bytes(shard, element, lse, world)
-    return (f"seq_len {n}, ulysses on {world} ranks: each sends {fwd / 2**20:.4g} MiB forward, "
+    q = torch.empty(shard, dtype=dtype, device="meta")
+    strategy = sequence_parallel.choose_strategy(args.strategy, q, world, args.segment_lengths, args.dilation_rates)
+    element = q.element_size()
+    wide = 8 if dtype == torch.float64 else 4  # the log-sum-exp's and the accumulation's
+    if strategy == "longnet":
+        fwd, bwd = distributed.longnet_bytes(shard, element, wide, world, args.segment_lengths,
+                                             args.dilation_rates, mode)
+    else:
+        fwd, bwd = distributed.ulysses_bytes(shard, element, wide, world)
+    return (f"seq_len {n}, {mode}, {strategy} on {world} ranks: each sends {fwd / 2**20:.4g} MiB forward, "
             f"{(fwd + bwd) / 2**20:.4g} MiB forward+backward")
 
 

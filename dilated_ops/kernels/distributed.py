@@ -8,15 +8,28 @@ runs on them as the window of the whole call those heads are (head groups and of
 whole call's), and an all-to-all turns the output back. The forward returns the head shards its
 backward needs, so the backward moves only the output's gradient in and q, k, v's gradients out:
 four tensors' worth of all-to-all each way, the least this scheme can move.
+
+LongNet (the paper's sequence parallelism, exact): each rank runs the single-device op on its
+own shard. A branch whose segments lie inside shards (``w`` divides the shard length ``s``) needs
+nothing more. A branch whose segment spans ``m = w / s`` whole shards (``w`` a multiple of ``s``,
+``w >= n`` meaning the whole sequence) got, from the shard alone, attention over the segment's
+dilated rows in this shard; the rows of the segment's other shards (all of them, or with
+``is_causal`` the earlier ones) come by one all-gather of every such branch's dilated K/V rows
+(``s / r`` rows a head), are attended by the rank's selected queries, and are merged in by
+log-sum-exp (SPEC section 3: one softmax over the union). The backward is the single-device
+backward with the merged output and log-sum-exp, plus the gathered rows' backward, whose K/V
+gradients go home in one reduce-scatter (accumulated in float32).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
+from . import attention
 from .dilated import dilated_attention_backward, dilated_attention_forward
+from .segments import BranchCall, plan
 
 
 def seq_to_heads(xs: Sequence[torch.Tensor], world_size: int, group) -> torch.Tensor:
@@ -89,4 +102,165 @@ def ulysses_bytes(shard_shape: Sequence[int], element_size: int, lse_element_siz
     tensor = b * s * h * d * element_size
     fwd = (4 * tensor + b * s * h * lse_element_size) * (world_size - 1) // world_size
     return fwd, 4 * tensor * (world_size - 1) // world_size
+
+
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); torch 2.6-2.12 have only those
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def longnet_geometry_error(shard_len: int, world_size: int, segment_lengths: Sequence[int],
+                           dilation_rates: Sequence[int]) -> Optional[str]:
+    """Why the LongNet strategy cannot run shards of ``shard_len`` positions on ``world_size``
+    ranks, or None: each branch's segment must lie inside a shard (``w`` divides the shard
+    length) or span whole shards (``w`` a multiple of it, or ``w`` at least the sequence) with
+    the rate dividing the shard length (every shard then holds ``s / r`` dilated rows)."""
+    n = shard_len * world_size
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        w = min(w, n)
+        if shard_len % w == 0:
+            continue
+        if w % shard_len or shard_len % r:
+            return (f"the longnet strategy needs each segment length to divide the shard length ({shard_len}) or "
+                    f"be a multiple of it with the rate dividing the shard length: segment_lengths[{i}] = "
+                    f"{segment_lengths[i]}, dilation_rates[{i}] = {r} on {world_size} ranks")
+    return None
+
+
+def _spanning(h: int, shard_len: int, world_size: int, segment_lengths, dilation_rates, mode) -> Tuple[BranchCall, ...]:
+    """The launches (:func:`segments.plan`) whose segments span more than one shard."""
+    n = shard_len * world_size
+    # int(h): the plan is cached by its arguments (a symbolic head count, e.g. under a fake
+    # kernel's dynamic shapes, is specialized here)
+    return tuple(c for c in plan(int(h), tuple(segment_lengths), tuple(dilation_rates), mode)
+                 if min(c.seg_len, n) > shard_len)
+
+
+def _peers(call: BranchCall, rank: int, shard_len: int, world_size: int, is_causal: bool) -> List[int]:
+    """The other ranks holding rows of this rank's segment of ``call`` (with ``is_causal``, the
+    earlier ones: all their rows precede this rank's)."""
+    m = min(call.seg_len, shard_len * world_size) // shard_len
+    first = rank // m * m
+    return [p for p in range(first, min(first + m, world_size)) if p < rank or (p > rank and not is_causal)]
+
+
+def _rows(x: torch.Tensor, call: BranchCall) -> torch.Tensor:
+    """The dilated rows of ``call`` in a shard ``(b, s, h, ...)``: ``(b, s / r, heads, ...)`` (a
+    view; the shard starts on a multiple of the rate, so the offset is the call's)."""
+    return x[:, call.offset::call.rate, call.heads]
+
+
+def spanning_numel(shape, world_size: int, segment_lengths, dilation_rates, mode) -> int:
+    """Elements per rank of the gathered K/V rows (the forward's third output, per rank)."""
+    b, s, h, d = shape
+    calls = _spanning(h, s, world_size, segment_lengths, dilation_rates, mode)
+    return sum(2 * b * (s // c.rate) * len(range(*c.heads.indices(int(h)))) * d for c in calls)
+
+
+def _unpack(flat: torch.Tensor, calls, b: int, s: int, h: int, d: int):
+    """Per call, the (k rows, v rows) ``(b, s / r, heads, d)`` of one rank's packed buffer."""
+    out, at = [], 0
+    for c in calls:
+        shape = (b, s // c.rate, len(range(*c.heads.indices(h))), d)
+        size = shape[0] * shape[1] * shape[2] * shape[3]
+        out.append((flat[at:at + size].view(shape), flat[at + size:at + 2 * size].view(shape)))
+        at += 2 * size
+    return out
+
+
+def _bhld(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).contiguous()
+
+
+def _gathered_rows(parts, peers, c: int):
+    """The k and v rows of launch ``c`` from ``peers`` (in rank order), ``(b, heads, rows, d)``."""
+    k = torch.cat([parts[p][c][0] for p in peers], 1)
+    v = torch.cat([parts[p][c][1] for p in peers], 1)
+    return _bhld(k), _bhld(v)
+
+
+def longnet_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+    mode: str, is_causal: bool, scale: Optional[float], group, world_size: int, rank: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, gathered)``: this rank's slice of the output and log-sum-exp ``(b, s, h)``,
+    and the gathered K/V rows ``(P, numel)`` (:func:`spanning_numel`) the backward takes."""
+    b, s, h, d = q.shape
+    scale = attention.default_scale(d, scale)
+    out, lse = dilated_attention_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale)
+    calls = _spanning(h, s, world_size, segment_lengths, dilation_rates, mode)
+    if not calls:
+        return out, lse, q.new_empty(world_size, 0)
+    send = torch.cat([_rows(t, c).reshape(-1) for c in calls for t in (k, v)])
+    gathered = send.new_empty(world_size * send.numel())
+    _ALL_GATHER(gathered, send, group=group)
+    gathered = gathered.view(world_size, send.numel())
+    parts = [_unpack(gathered[p], calls, b, s, h, d) for p in range(world_size)]
+    # groups: a head's output is its branch's / G, so merge G * out; longnet: out is already the
+    # softmax over the union so far
+    g = len(segment_lengths) if mode == "groups" else 1
+    for ci, c in enumerate(calls):
+        peers = _peers(c, rank, s, world_size, is_causal)
+        if not peers:
+            continue
+        kp, vp = _gathered_rows(parts, peers, ci)
+        o_p, l_p = attention.forward(_bhld(_rows(q, c)), kp, vp, False, scale)
+        out_c, lse_c = _rows(out, c), _rows(lse, c)
+        l_p = l_p.transpose(1, 2).to(lse.dtype)
+        l_new = torch.logaddexp(lse_c, l_p)
+        merged = (out_c.to(lse.dtype) * (g * torch.exp(lse_c - l_new)).unsqueeze(-1)
+                  + o_p.transpose(1, 2).to(lse.dtype) * torch.exp(l_p - l_new).unsqueeze(-1))
+        out_c.copy_(merged / g)
+        lse_c.copy_(l_new)
+    return out, lse, gathered
+
+
+def longnet_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    gathered: torch.Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str,
+    is_causal: bool, scale: Optional[float], group, world_size: int, rank: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` ``(b, s, h, d)`` of this rank's shard, from the forward's merged ``out``,
+    ``lse`` and ``gathered`` rows."""
+    b, s, h, d = q.shape
+    scale = attention.default_scale(d, scale)
+    dq, dk, dv = dilated_attention_backward(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode,
+                                            is_causal, scale)
+    calls = _spanning(h, s, world_size, segment_lengths, dilation_rates, mode)
+    if not calls:
+        return dq, dk, dv
+    g = len(segment_lengths) if mode == "groups" else 1
+    parts = [_unpack(gathered[p], calls, b, s, h, d) for p in range(world_size)]
+    # every rank's K/V rows' gradients from this rank's queries, summed over ranks in float32
+    home = torch.zeros(gathered.shape, dtype=lse.dtype, device=q.device)
+    home_parts = [_unpack(home[p], calls, b, s, h, d) for p in range(world_size)]
+    for ci, c in enumerate(calls):
+        peers = _peers(c, rank, s, world_size, is_causal)
+        if not peers:
+            continue
+        kp, vp = _gathered_rows(parts, peers, ci)
+        o_in = _bhld(_rows(out, c)) * g  # groups: the branch's own output (SPEC section 3)
+        gq, gk, gv = attention.backward(_bhld(_rows(grad_out, c)), _bhld(_rows(q, c)), kp, vp, o_in,
+                                        _rows(lse, c).transpose(1, 2).contiguous(), False, scale)
+        _rows(dq, c).add_((gq / g).transpose(1, 2).to(dq.dtype))
+        rows = s // c.rate
+        for i, p in enumerate(peers):
+            home_parts[p][ci][0].copy_((gk[:, :, i * rows:(i + 1) * rows] / g).transpose(1, 2))
+            home_parts[p][ci][1].copy_((gv[:, :, i * rows:(i + 1) * rows] / g).transpose(1, 2))
+    mine = home.new_empty(home.shape[1])
+    _REDUCE_SCATTER(mine, home.reshape(-1), group=group)
+    for c, (gk, gv) in zip(calls, _unpack(mine, calls, b, s, h, d)):
+        _rows(dk, c).add_(gk.to(dk.dtype))
+        _rows(dv, c).add_(gv.to(dv.dtype))
+    return dq, dk, dv
+
+
+def longnet_bytes(shard_shape: Sequence[int], element_size: int, accumulate_size: int, world_size: int,
+                  segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str) -> Tuple[int, int]:
+    """``(forward, backward)`` bytes one rank sends in one LongNet call on shards ``(b, s, h,
+    d)``: its dilated K/V rows of the spanning segments to the ``P - 1`` others (all-gather), and
+    the gathered rows' gradients in the accumulation dtype (reduce-scatter: ``P - 1`` chunks of
+    the same size), as a ring algorithm moves them."""
+    numel = spanning_numel(shard_shape, world_size, segment_lengths, dilation_rates, mode)
+    return (world_size - 1) * numel * element_size, (world_size - 1) * numel * accumulate_size
 

@@ -22,7 +22,7 @@ from ..kernels import attention as _attention
 from ..kernels.distributed import ulysses_backward, ulysses_forward
 
 
-def _group(group_name: str, world_size: int):
+def resolve_group(group_name: str, world_size: int):
     # PyTorch's functional collectives resolve their group_name argument the same way.
     group = dist.distributed_c10d._resolve_process_group(group_name)
     if dist.get_world_size(group) != world_size:
@@ -57,7 +57,7 @@ def ulysses_attention_op(
     is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
-    group = _group(group_name, world_size)
+    group = resolve_group(group_name, world_size)
     return ulysses_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group, world_size,
                            dist.get_rank(group))
 
@@ -76,7 +76,7 @@ def ulysses_attention_backward_op(
     grad_out: Tensor, qkv_heads: Tensor, out_heads: Tensor, lse_heads: Tensor, segment_lengths: List[int],
     dilation_rates: List[int], mode: str, is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    group = _group(group_name, world_size)
+    group = resolve_group(group_name, world_size)
     return ulysses_backward(grad_out.contiguous(), qkv_heads, out_heads, lse_heads, segment_lengths, dilation_rates,
                             mode, is_causal, scale, group, world_size, dist.get_rank(group))
 

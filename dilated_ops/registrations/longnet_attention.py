@@ -1,0 +1,87 @@
+"""``torch.ops.dilated.longnet_attention`` and its backward op: sequence-parallel dilated
+attention by LongNet's strategy (:mod:`dilated_ops.kernels.distributed`: each rank's shard on
+the single-device op, the dilated K/V rows of segments that span shards all-gathered and merged
+in), custom op, fake kernel, autograd.
+
+q, k, v: this rank's shard ``(batch, seq / P, heads, head_dim)``; the group by name with its
+size given, as for ``ulysses_attention``. Returns ``(out, lse, gathered)``: the rank's output
+slice, its log-sum-exp ``(batch, seq / P, heads)`` and the gathered K/V rows ``(P, numel)`` the
+backward takes.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import _checks
+from ..kernels import attention as _attention
+from ..kernels.distributed import longnet_backward, longnet_forward, longnet_geometry_error, spanning_numel
+from .ulysses_attention import resolve_group
+
+
+def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size):
+    """The op's arguments, before any collective (a rank with bad input raises at once)."""
+    segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
+        q, k, v, segment_lengths, dilation_rates, mode, scale, 0.0, is_causal=is_causal)
+    _checks.check_positive_int("world_size", world_size)
+    reason = longnet_geometry_error(q.shape[1], world_size, segment_lengths, dilation_rates)
+    if reason is not None:
+        raise ValueError(reason)
+    return segment_lengths, dilation_rates, scale
+
+
+@torch.library.custom_op("dilated::longnet_attention", mutates_args=())
+def longnet_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int], mode: str,
+    is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+    group = resolve_group(group_name, world_size)
+    return longnet_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group, world_size,
+                           dist.get_rank(group))
+
+
+@longnet_attention_op.register_fake
+def _fake(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size):
+    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+    b, s, h, _ = q.shape
+    numel = spanning_numel(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(b, s, h, dtype=_attention.lse_dtype(q.dtype)), q.new_empty(world_size, numel))
+
+
+@torch.library.custom_op("dilated::longnet_attention_backward", mutates_args=())
+def longnet_attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, gathered: Tensor,
+    segment_lengths: List[int], dilation_rates: List[int], mode: str, is_causal: bool, scale: Optional[float],
+    group_name: str, world_size: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    group = resolve_group(group_name, world_size)
+    return longnet_backward(grad_out.contiguous(), q, k, v, out, lse, gathered, segment_lengths, dilation_rates,
+                            mode, is_causal, scale, group, world_size, dist.get_rank(group))
+
+
+@longnet_attention_backward_op.register_fake
+def _backward_fake(grad_out, q, k, v, out, lse, gathered, segment_lengths, dilation_rates, mode, is_causal, scale,
+                   group_name, world_size):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size = inputs
+    out, lse, gathered = output
+    ctx.mark_non_differentiable(lse, gathered)
+    ctx.save_for_backward(q, k, v, out, lse, gathered)
+    ctx.config = (segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size)
+
+
+def _backward(ctx, grad_out, *_):
+    q, k, v, out, lse, gathered = ctx.saved_tensors
+    dq, dk, dv = longnet_attention_backward_op(grad_out, q, k, v, out, lse, gathered, *ctx.config)
+    return (dq, dk, dv) + (None,) * 7
+
+
+longnet_attention_op.register_autograd(_backward, setup_context=_setup_context)
