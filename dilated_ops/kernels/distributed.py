@@ -22,14 +22,15 @@ gradients go home in one reduce-scatter (accumulated in float32).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import attention
 from .dilated import dilated_attention_backward, dilated_attention_forward
-from .segments import BranchCall, plan
+from .segments import plan
 
 
 def seq_to_heads(xs: Sequence[torch.Tensor], world_size: int, group) -> torch.Tensor:
@@ -127,56 +128,70 @@ def longnet_geometry_error(shard_len: int, world_size: int, segment_lengths: Seq
     return None
 
 
-def _spanning(h: int, shard_len: int, world_size: int, segment_lengths, dilation_rates, mode) -> Tuple[BranchCall, ...]:
-    """The launches (:func:`segments.plan`) whose segments span more than one shard."""
+class _Branch(NamedTuple):
+    """A branch whose segments span shards, with every (head, offset) it runs on the shard: its
+    launches (:func:`segments.plan`) batched into one attention call."""
+
+    seg_len: int
+    rate: int
+    heads: Tuple[int, ...]
+    offsets: Tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _spanning(h: int, shard_len: int, world_size: int, segment_lengths: Tuple[int, ...],
+              dilation_rates: Tuple[int, ...], mode: str) -> Tuple[_Branch, ...]:
+    """The branches whose segments span more than one shard."""
     n = shard_len * world_size
-    # int(h): the plan is cached by its arguments (a symbolic head count, e.g. under a fake
-    # kernel's dynamic shapes, is specialized here)
-    return tuple(c for c in plan(int(h), tuple(segment_lengths), tuple(dilation_rates), mode)
-                 if min(c.seg_len, n) > shard_len)
+    branches = {}
+    for c in plan(h, segment_lengths, dilation_rates, mode):
+        if min(c.seg_len, n) > shard_len:
+            heads = tuple(range(*c.heads.indices(h)))
+            w, r, hs, os = branches.get(c.branch, (c.seg_len, c.rate, (), ()))
+            branches[c.branch] = (w, r, hs + heads, os + (c.offset,) * len(heads))
+    return tuple(_Branch(*x) for x in branches.values())
 
 
-def _peers(call: BranchCall, rank: int, shard_len: int, world_size: int, is_causal: bool) -> List[int]:
-    """The other ranks holding rows of this rank's segment of ``call`` (with ``is_causal``, the
-    earlier ones: all their rows precede this rank's)."""
-    m = min(call.seg_len, shard_len * world_size) // shard_len
+def _branches(shape, world_size: int, segment_lengths, dilation_rates, mode) -> Tuple[_Branch, ...]:
+    # int(h), int(s): cached by value (a symbolic size, e.g. under a fake kernel's dynamic
+    # shapes, is specialized here)
+    return _spanning(int(shape[2]), int(shape[1]), world_size, tuple(segment_lengths), tuple(dilation_rates), mode)
+
+
+def _peers(branch: _Branch, rank: int, shard_len: int, world_size: int, is_causal: bool) -> List[int]:
+    """The other ranks holding rows of this rank's segment of ``branch`` (with ``is_causal``,
+    the earlier ones: all their rows precede this rank's)."""
+    m = min(branch.seg_len, shard_len * world_size) // shard_len
     first = rank // m * m
     return [p for p in range(first, min(first + m, world_size)) if p < rank or (p > rank and not is_causal)]
 
 
-def _rows(x: torch.Tensor, call: BranchCall) -> torch.Tensor:
-    """The dilated rows of ``call`` in a shard ``(b, s, h, ...)``: ``(b, s / r, heads, ...)`` (a
-    view; the shard starts on a multiple of the rate, so the offset is the call's)."""
-    return x[:, call.offset::call.rate, call.heads]
+def _index(branch: _Branch, shard_len: int, device):
+    """``(rows, heads)`` index tensors ``(H, s / r)`` and ``(H, 1)``: ``x[:, rows, heads]`` is
+    the branch's dilated rows of a shard ``(b, s, h, ...)`` as ``(b, H, s / r, ...)`` (the shard
+    starts on a multiple of the rate, so each head's offset is its launch's)."""
+    heads = torch.tensor(branch.heads, device=device)
+    offsets = torch.tensor(branch.offsets, device=device)
+    rows = offsets[:, None] + branch.rate * torch.arange(shard_len // branch.rate, device=device)
+    return rows, heads[:, None]
 
 
 def spanning_numel(shape, world_size: int, segment_lengths, dilation_rates, mode) -> int:
     """Elements per rank of the gathered K/V rows (the forward's third output, per rank)."""
     b, s, h, d = shape
-    calls = _spanning(h, s, world_size, segment_lengths, dilation_rates, mode)
-    return sum(2 * b * (s // c.rate) * len(range(*c.heads.indices(int(h)))) * d for c in calls)
+    return sum(2 * b * len(x.heads) * (s // x.rate) * d
+               for x in _branches(shape, world_size, segment_lengths, dilation_rates, mode))
 
 
-def _unpack(flat: torch.Tensor, calls, b: int, s: int, h: int, d: int):
-    """Per call, the (k rows, v rows) ``(b, s / r, heads, d)`` of one rank's packed buffer."""
+def _unpack(flat: torch.Tensor, branches, b: int, s: int, d: int):
+    """Per branch, the (k rows, v rows) ``(b, H, s / r, d)`` of one rank's packed buffer."""
     out, at = [], 0
-    for c in calls:
-        shape = (b, s // c.rate, len(range(*c.heads.indices(h))), d)
+    for x in branches:
+        shape = (b, len(x.heads), s // x.rate, d)
         size = shape[0] * shape[1] * shape[2] * shape[3]
         out.append((flat[at:at + size].view(shape), flat[at + size:at + 2 * size].view(shape)))
         at += 2 * size
     return out
-
-
-def _bhld(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2).contiguous()
-
-
-def _gathered_rows(parts, peers, c: int):
-    """The k and v rows of launch ``c`` from ``peers`` (in rank order), ``(b, heads, rows, d)``."""
-    k = torch.cat([parts[p][c][0] for p in peers], 1)
-    v = torch.cat([parts[p][c][1] for p in peers], 1)
-    return _bhld(k), _bhld(v)
 
 
 def longnet_forward(
@@ -188,30 +203,32 @@ def longnet_forward(
     b, s, h, d = q.shape
     scale = attention.default_scale(d, scale)
     out, lse = dilated_attention_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale)
-    calls = _spanning(h, s, world_size, segment_lengths, dilation_rates, mode)
-    if not calls:
+    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    if not branches:
         return out, lse, q.new_empty(world_size, 0)
-    send = torch.cat([_rows(t, c).reshape(-1) for c in calls for t in (k, v)])
+    index = [_index(x, s, q.device) for x in branches]
+    send = torch.cat([t[:, rows, heads].reshape(-1) for rows, heads in index for t in (k, v)])
     gathered = send.new_empty(world_size * send.numel())
     _ALL_GATHER(gathered, send, group=group)
     gathered = gathered.view(world_size, send.numel())
-    parts = [_unpack(gathered[p], calls, b, s, h, d) for p in range(world_size)]
+    parts = [_unpack(gathered[p], branches, b, s, d) for p in range(world_size)]
     # groups: a head's output is its branch's / G, so merge G * out; longnet: out is already the
     # softmax over the union so far
     g = len(segment_lengths) if mode == "groups" else 1
-    for ci, c in enumerate(calls):
-        peers = _peers(c, rank, s, world_size, is_causal)
+    for i, (x, (rows, heads)) in enumerate(zip(branches, index)):
+        peers = _peers(x, rank, s, world_size, is_causal)
         if not peers:
             continue
-        kp, vp = _gathered_rows(parts, peers, ci)
-        o_p, l_p = attention.forward(_bhld(_rows(q, c)), kp, vp, False, scale)
-        out_c, lse_c = _rows(out, c), _rows(lse, c)
-        l_p = l_p.transpose(1, 2).to(lse.dtype)
-        l_new = torch.logaddexp(lse_c, l_p)
-        merged = (out_c.to(lse.dtype) * (g * torch.exp(lse_c - l_new)).unsqueeze(-1)
-                  + o_p.transpose(1, 2).to(lse.dtype) * torch.exp(l_p - l_new).unsqueeze(-1))
-        out_c.copy_(merged / g)
-        lse_c.copy_(l_new)
+        kp = torch.cat([parts[p][i][0] for p in peers], 2)
+        vp = torch.cat([parts[p][i][1] for p in peers], 2)
+        o_p, l_p = attention.forward(q[:, rows, heads], kp, vp, False, scale)
+        lse_x = lse[:, rows, heads]
+        l_p = l_p.to(lse.dtype)
+        l_new = torch.logaddexp(lse_x, l_p)
+        merged = (out[:, rows, heads].to(lse.dtype) * (g * torch.exp(lse_x - l_new)).unsqueeze(-1)
+                  + o_p.to(lse.dtype) * torch.exp(l_p - l_new).unsqueeze(-1))
+        out[:, rows, heads] = (merged / g).to(out.dtype)
+        lse[:, rows, heads] = l_new
     return out, lse, gathered
 
 
@@ -226,32 +243,34 @@ def longnet_backward(
     scale = attention.default_scale(d, scale)
     dq, dk, dv = dilated_attention_backward(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode,
                                             is_causal, scale)
-    calls = _spanning(h, s, world_size, segment_lengths, dilation_rates, mode)
-    if not calls:
+    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    if not branches:
         return dq, dk, dv
     g = len(segment_lengths) if mode == "groups" else 1
-    parts = [_unpack(gathered[p], calls, b, s, h, d) for p in range(world_size)]
+    index = [_index(x, s, q.device) for x in branches]
+    parts = [_unpack(gathered[p], branches, b, s, d) for p in range(world_size)]
     # every rank's K/V rows' gradients from this rank's queries, summed over ranks in float32
     home = torch.zeros(gathered.shape, dtype=lse.dtype, device=q.device)
-    home_parts = [_unpack(home[p], calls, b, s, h, d) for p in range(world_size)]
-    for ci, c in enumerate(calls):
-        peers = _peers(c, rank, s, world_size, is_causal)
+    home_parts = [_unpack(home[p], branches, b, s, d) for p in range(world_size)]
+    for i, (x, (rows, heads)) in enumerate(zip(branches, index)):
+        peers = _peers(x, rank, s, world_size, is_causal)
         if not peers:
             continue
-        kp, vp = _gathered_rows(parts, peers, ci)
-        o_in = _bhld(_rows(out, c)) * g  # groups: the branch's own output (SPEC section 3)
-        gq, gk, gv = attention.backward(_bhld(_rows(grad_out, c)), _bhld(_rows(q, c)), kp, vp, o_in,
-                                        _rows(lse, c).transpose(1, 2).contiguous(), False, scale)
-        _rows(dq, c).add_((gq / g).transpose(1, 2).to(dq.dtype))
-        rows = s // c.rate
-        for i, p in enumerate(peers):
-            home_parts[p][ci][0].copy_((gk[:, :, i * rows:(i + 1) * rows] / g).transpose(1, 2))
-            home_parts[p][ci][1].copy_((gv[:, :, i * rows:(i + 1) * rows] / g).transpose(1, 2))
+        kp = torch.cat([parts[p][i][0] for p in peers], 2)
+        vp = torch.cat([parts[p][i][1] for p in peers], 2)
+        o_in = out[:, rows, heads] * g  # groups: the branch's own output (SPEC section 3)
+        gq, gk, gv = attention.backward(grad_out[:, rows, heads], q[:, rows, heads], kp, vp, o_in,
+                                        lse[:, rows, heads], False, scale)
+        dq[:, rows, heads] += (gq / g).to(dq.dtype)
+        n_rows = s // x.rate
+        for j, p in enumerate(peers):
+            home_parts[p][i][0].copy_(gk[:, :, j * n_rows:(j + 1) * n_rows] / g)
+            home_parts[p][i][1].copy_(gv[:, :, j * n_rows:(j + 1) * n_rows] / g)
     mine = home.new_empty(home.shape[1])
     _REDUCE_SCATTER(mine, home.reshape(-1), group=group)
-    for c, (gk, gv) in zip(calls, _unpack(mine, calls, b, s, h, d)):
-        _rows(dk, c).add_(gk.to(dk.dtype))
-        _rows(dv, c).add_(gv.to(dv.dtype))
+    for (rows, heads), (gk, gv) in zip(index, _unpack(mine, branches, b, s, d)):
+        dk[:, rows, heads] += gk.to(dk.dtype)
+        dv[:, rows, heads] += gv.to(dv.dtype)
     return dq, dk, dv
 
 
