@@ -4,8 +4,8 @@
 Each class names its row of the variant table (``implementation``, :mod:`dilated_ops.variants`),
 whose op arguments it passes: standard (``DilatedAttention``, ``MultiheadDilatedAttention``),
 improved (``Improved*``), ring (``Ring*``: in one process the op of improved, SPEC section 5;
-across processes not built yet, NotImplementedError), distributed (``Distributed*``: each rank's
-shard of a sequence sharded over a process group). The multihead modules run the attention
+in a process group each rank's shard, the ring strategy), distributed (``Distributed*``: each
+rank's shard of a sequence sharded over a process group, any strategy). The multihead modules run the attention
 block of :mod:`dilated_ops.attention_block`.
 
 The modules hold no buffers: the index math is strided views computed per call.
@@ -145,45 +145,55 @@ class ImprovedDilatedAttention(DilatedAttention):
     implementation = "improved"
 
 
-def _check_single_process(owner: str) -> None:
-    world = _env.distributed_world_size()
-    if world > 1:
-        raise NotImplementedError(
-            f"{owner}: ring attention across processes (SPEC section 5) is not built yet; a "
-            f"torch.distributed process group of world size {world} is initialized. In one "
-            "process ring equals 'improved' (create_*_dilated_attention('improved', ...))."
-        )
+def _group_size(process_group) -> int:
+    """The size of ``process_group`` (None: the default group's, 1 when none is initialized)."""
+    if process_group is not None:
+        return torch.distributed.get_world_size(process_group)
+    return _env.distributed_world_size()
+
+
+def _check_group(process_group) -> None:
+    if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None: got "
+                        f"{type(process_group).__name__}")
 
 
 class RingDilatedAttention(ImprovedDilatedAttention):
-    """Ring dilated attention, single process: SPEC section 5 fixes the ring result to equal
-    plain dilated attention, so this calls the same op as :class:`ImprovedDilatedAttention`
-    (whose memory is already linear in the sequence length). Same arguments and shapes as
-    :class:`DilatedAttention`: q, k, v ``(batch, seq, heads, head_dim)`` in, the same shape
-    out.
+    """Ring dilated attention (SPEC section 5). In one process the ring result is the plain
+    result, so this calls the same op as :class:`ImprovedDilatedAttention` (whose memory is
+    already linear in the sequence length). In a process group of world size > 1 each rank
+    passes its contiguous shard ``(batch, seq / P, heads, head_dim)`` and gets its slice of the
+    output: :func:`dilated_ops.sequence_parallel_attention` with ``strategy="ring"`` (each shard
+    on the single-device op; the dilated K/V rows of segments that span shards travel the ring).
+    Same arguments as :class:`DilatedAttention`, plus the keyword ``process_group`` (None: the
+    default group, looked up at each call).
 
     Raises:
-        NotImplementedError: at construction, and at each eager forward, when a
-            torch.distributed process group of world size > 1 is initialized: ring attention
-            across processes is not built yet.
+        ValueError: at forward in a process group of world size > 1: dropout in training mode
+            (the ring op has none), or as :func:`dilated_ops.sequence_parallel_attention` (segments
+            that do not fit the shards, shards of different shapes).
     """
 
     implementation = "ring"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _check_single_process(type(self).__name__)
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], dropout: float = 0.0,
+                 use_tf32: bool = True, mode: str = "groups", process_group=None):
+        super().__init__(segment_lengths, dilation_rates, dropout, use_tf32, mode)
+        _check_group(process_group)
+        self.process_group = process_group
 
-    def forward(self, query, key, value, is_causal=False, attention_mask=None):
-        """As :meth:`DilatedAttention.forward`: ``(batch, seq, heads, head_dim)`` in and out.
-        Raises NotImplementedError in a process group of world size > 1 (checked eagerly only,
-        not while ``torch.compile`` traces)."""
-        if not torch.compiler.is_compiling():  # a process group created after construction
-            _check_single_process(type(self).__name__)
-        return super().forward(query, key, value, is_causal, attention_mask)
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+        if _group_size(self.process_group) == 1:
+            return super()._attend(query, key, value, is_causal)
+        if self.dropout and self.training:
+            raise ValueError(f"dropout must be 0.0 for ring attention across processes (its op has no attention "
+                             f"dropout): got {self.dropout!r} in training mode")
+        return sequence_parallel_attention(query, key, value, self.segment_lengths, self.dilation_rates,
+                                           strategy="ring", mode=self.mode, is_causal=is_causal,
+                                           group=self.process_group)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", single process: same op as 'improved'"
+        return super().extra_repr() + ", in a process group: each rank's shard, strategy 'ring'"
 
 
 class DistributedDilatedAttention(ImprovedDilatedAttention):
@@ -222,18 +232,11 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
         if dropout:
             raise ValueError(f"dropout must be 0.0 for distributed (its op has no attention dropout): got {dropout!r}")
         check_strategy(strategy)
-        if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None: got "
-                            f"{type(process_group).__name__}")
+        _check_group(process_group)
         self.process_group, self.strategy = process_group, strategy
 
-    def _world_size(self) -> int:
-        if self.process_group is not None:
-            return torch.distributed.get_world_size(self.process_group)
-        return _env.distributed_world_size()
-
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
-        if self._world_size() == 1:  # one process: the plain op, the same result
+        if _group_size(self.process_group) == 1:  # one process: the plain op, the same result
             return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
                                      is_causal=is_causal, backend="auto")
         return sequence_parallel_attention(query, key, value, self.segment_lengths, self.dilation_rates,
@@ -443,14 +446,10 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
 
 class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     """:class:`MultiheadDilatedAttention` over :class:`RingDilatedAttention`: in one process the
-    same op as "improved". Same arguments and shapes as :class:`MultiheadDilatedAttention`
-    (``(batch, seq, embed_dim)`` in, ``(output, None)`` out).
-
-    Raises:
-        NotImplementedError: at construction and eager forward when a torch.distributed
-            process group of world size > 1 is initialized (ring across processes is not
-            built yet).
-    """
+    same op as "improved"; in a process group of world size > 1 each rank passes its shard
+    ``(batch, seq / P, embed_dim)`` (the projections work per token) and the attention runs as a
+    ring. Same arguments and shapes as :class:`MultiheadDilatedAttention` (``(output, None)``
+    out), plus the keyword ``process_group``."""
 
     implementation = "ring"
     attention_class = RingDilatedAttention

@@ -7,6 +7,9 @@ in :mod:`dilated_ops.kernels.distributed`):
 - ``"longnet"`` (``torch.ops.dilated.longnet_attention``): each rank runs the single-device op on
   its shard; segments that span shards all-gather their dilated K/V rows. Needs every segment
   length to divide the shard length or be a multiple of it (rate dividing the shard length).
+- ``"ring"`` (``torch.ops.dilated.ring_attention``): as longnet, but the spanning segments' rows
+  travel the ring by point-to-point transfers overlapped with the attention, so a rank holds
+  two ranks' rows at a time instead of all of them.
 - ``"ulysses"`` (``torch.ops.dilated.ulysses_attention``, DeepSpeed-Ulysses): an all-to-all turns
   q, k, v from sequence shards into head shards, the heads' dilated attention runs on the whole
   sequence, an all-to-all turns the output back. Needs the group's size to divide the heads.
@@ -24,19 +27,17 @@ from torch import Tensor
 
 from .kernels.distributed import longnet_geometry_error
 from .registrations import longnet_attention as _longnet
+from .registrations import ring_attention as _ring
 from .registrations import ulysses_attention as _ulysses
 
 STRATEGIES = ("auto", "longnet", "ulysses", "ring")
-BUILT_STRATEGIES = ("auto", "longnet", "ulysses")
+_REGISTRATIONS = {"longnet": _longnet, "ulysses": _ulysses, "ring": _ring}
 
 
 def check_strategy(strategy) -> None:
-    """ValueError for an unknown strategy, NotImplementedError for one not built yet."""
+    """ValueError for an unknown strategy."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}: got {strategy!r}")
-    if strategy not in BUILT_STRATEGIES:
-        raise NotImplementedError(f"distributed: strategy {strategy!r} is not built yet; built: "
-                                  f"{', '.join(map(repr, BUILT_STRATEGIES))}")
 
 
 def _group_and_size(group):
@@ -156,7 +157,9 @@ def sequence_parallel_attention(
         segment_lengths, dilation_rates, mode, is_causal, scale: as
             :func:`dilated_ops.dilated_attention`, for the whole sequence.
         strategy: ``"auto"`` (``"longnet"`` where the segments fit the shards, else
-            ``"ulysses"``), ``"longnet"`` or ``"ulysses"``; ``"ring"`` is not built yet.
+            ``"ulysses"``), ``"longnet"``, ``"ring"`` (as longnet, the spanning segments' rows
+            passed rank to rank instead of all-gathered: two ranks' rows held at a time) or
+            ``"ulysses"``.
         group: the process group (default: the world).
         check_shards: first agree across ranks that every rank's arguments are valid and its
             shard has the same shape, so that every rank raises (one small all-gather and a host
@@ -168,10 +171,9 @@ def sequence_parallel_attention(
 
     Raises:
         ValueError: no initialized process group; an unknown strategy; "ulysses" with heads not
-            divisible by ``P``; "longnet" with segments that do not fit the shards; shards of
+            divisible by ``P``; "longnet" or "ring" with segments that do not fit the shards; shards of
             different shapes (with ``check_shards``); bad arguments as
             :func:`dilated_ops.dilated_attention`.
-        NotImplementedError: ``strategy="ring"``.
     """
     group, group_name, world_size = _group_and_size(group)
     agree = check_shards and not torch.compiler.is_compiling()
@@ -179,7 +181,7 @@ def sequence_parallel_attention(
     # collectives; with check_shards every rank learns of a rank's bad input and raises.
     try:
         strategy = choose_strategy(strategy, q, world_size, segment_lengths, dilation_rates)
-        registration = _longnet if strategy == "longnet" else _ulysses
+        registration = _REGISTRATIONS[strategy]
         segment_lengths, dilation_rates, scale = registration.check_arguments(
             q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
     except (TypeError, ValueError, NotImplementedError) as error:
@@ -188,5 +190,5 @@ def sequence_parallel_attention(
         _agree(q, group, world_size, error)
     if agree:
         _agree(q, group, world_size, None)
-    op = torch.ops.dilated.longnet_attention if strategy == "longnet" else torch.ops.dilated.ulysses_attention
+    op = getattr(torch.ops.dilated, f"{strategy}_attention")
     return op(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size)[0]

@@ -11,6 +11,7 @@ classes as strings, which :mod:`dilated_ops.factory` looks up in :mod:`dilated_o
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -95,6 +96,12 @@ class Variant:
         return self.missing is None
 
     @property
+    def needs_group(self) -> bool:
+        """Whether the row's op itself runs across processes (takes a ``group_name``): the
+        row's modules still run alone, but its op does not."""
+        return self.op is not None and any(a.name == "group_name" for a in self.op.default._schema.arguments)
+
+    @property
     def op_kwargs(self) -> Dict[str, object]:
         return dict(self.op_args)
 
@@ -123,8 +130,13 @@ VARIANTS: Dict[str, Variant] = {
         _on_dilated_op("improved", "the fastest kernels we have for the device; elsewhere as standard", "auto",
                        "Improved", "our Triton forward on CUDA (sm80+) for float16/bfloat16, head_dim 64, groups "
                        "mode, no dropout"),
-        _on_dilated_op("ring", "one process: the op of improved (SPEC section 5: ring result = plain result)",
-                       "auto", "Ring", "NotImplementedError in a process group of world size > 1"),
+        dataclasses.replace(
+            _on_dilated_op("ring", "ring attention (SPEC section 5): in one process the op of improved; in a "
+                           "process group each rank passes its contiguous shard", "auto", "Ring",
+                           "in a process group: the ring strategy of `distributed` (segments spanning shards "
+                           "pass their dilated K/V rows rank to rank), no dropout there; the table's op is the "
+                           "one-process one"),
+            options=("process_group",), process_group=True),
         Variant(
             "distributed", "sequence-parallel attention over the ranks of a process group (SPEC section 5): "
             "each rank passes its contiguous shard",
@@ -132,8 +144,9 @@ VARIANTS: Dict[str, Variant] = {
             devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, process_group=True,
             module="DistributedDilatedAttention", multihead_module="DistributedMultiheadDilatedAttention",
             notes="strategy 'longnet' (the single-device op per shard, dilated K/V rows of segments spanning "
-                  "shards all-gathered) or 'ulysses' (all-to-all over heads); 'auto' picks; 'ring' not built "
-                  "yet; rewrites emit the Ulysses op; one process: the op of improved",
+                  "shards all-gathered), 'ring' (those rows passed rank to rank) or 'ulysses' (all-to-all over "
+                  "heads); 'auto' picks longnet or ulysses; rewrites emit the Ulysses op; one process: the op of "
+                  "improved",
         ),
         Variant(
             "block_sparse", "attention over the active blocks of a block layout (SPEC section 4)",

@@ -88,6 +88,11 @@ def main():
                   flush=True)
     if rank == 0:
         print(f"loss {first:.3f} -> {last:.3f}")
+    # DistributedDataParallel's last gradient all-reduce works go with the model, here, before
+    # the group: with gloo, a work freed by the group's own thread while the group is torn down
+    # was seen to deadlock (PyTorch 2.13).
+    del model, opt
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -113,7 +113,7 @@ def test_default_impls_come_from_the_variant_table(tmp_path, capsys, monkeypatch
     assert main(TINY + ["--seq-lens", "64", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = _csv(tmp_path)
-    built = [f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.built and n != "ring" and not v.process_group]
+    built = [f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.built and n != "ring" and not v.needs_group]
     assert {r["impl"] for r in _timed(rows)} == set(built) | {"pregathered", "naive", "dense"}
     assert all(float(r["median_ms"]) > 0 and float(r["useful_tflops"]) > 0 for r in _timed(rows))
     mine = [r for r in rows if r["impl"] == "dilated-block_sparse"]

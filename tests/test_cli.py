@@ -141,7 +141,7 @@ def test_tiny_bench_writes_csv_and_png(tmp_path):
     built = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.built and n != "ring"}
     not_built = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if not v.built}
     # Rows that run across processes are listed, not timed, by this one-process command.
-    elsewhere = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.process_group}
+    elsewhere = {f"dilated-{n}" for n, v in variants.VARIANTS.items() if v.needs_group}
     assert elsewhere == {"dilated-distributed"}
     impls = built | not_built | {"pregathered", "naive", "dense"}
     assert {r["impl"] for r in rows} == impls

@@ -113,24 +113,23 @@ def test_auto_with_a_process_group_picks_distributed(machine):
 def test_distributed_options_are_checked(machine):
     with pytest.raises(ValueError, match="strategy must be one of 'auto', 'longnet', 'ulysses', 'ring': got 'fast'"):
         create_dilated_attention("distributed", **SEGS, strategy="fast")
-    with pytest.raises(NotImplementedError, match="distributed: strategy 'ring' is not built yet"):
-        create_multihead_dilated_attention("distributed", **MH, **SEGS, strategy="ring")
+    assert create_multihead_dilated_attention("distributed", **MH, **SEGS, strategy="ring").attention.strategy == "ring"
     with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup or None: got str"):
         create_dilated_attention("distributed", **SEGS, process_group="world")
     with pytest.raises(ValueError, match="dropout must be 0.0 for distributed"):
         create_dilated_attention("distributed", **SEGS, dropout=0.1)
 
 
-def test_ring_refuses_a_process_group(machine):
+def test_ring_builds_in_a_process_group_and_runs_alone_outside_one(machine):
     machine(world=2)
-    with pytest.raises(NotImplementedError, match="ring attention across processes .* world size 2"):
-        create_multihead_dilated_attention("ring", **MH, **SEGS)
+    m = create_multihead_dilated_attention("ring", **MH, **SEGS)
+    assert type(m.attention) is dilated_ops.RingDilatedAttention and m.attention.process_group is None
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup or None"):
+        create_dilated_attention("ring", **SEGS, process_group=2)
     machine(world=1)
     ring = create_dilated_attention("ring", **SEGS)
-    machine(world=2)  # a process group initialized after construction
     q = torch.randn(1, 16, 4, 8)
-    with pytest.raises(NotImplementedError, match="world size 2"):
-        ring(q, q, q)
+    torch.testing.assert_close(ring(q, q, q), dilated_ops.dilated_attention(q, q, q, **SEGS), rtol=0, atol=0)
 
 
 def test_auto_on_this_machine_is_not_simulated():

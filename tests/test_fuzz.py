@@ -187,7 +187,8 @@ def check_sequence_parallel(c, rank: int, world_size: int) -> bool:
     return close(got, out[:, mine]) and all(close(x, w[:, mine]) for x, w in zip(got_grads, grads))
 
 
-CASES = {"ulysses": ulysses_case, "longnet": longnet_case}
+CASES = {"ulysses": ulysses_case, "longnet": longnet_case,
+         "ring": lambda seed, i, world_size: dict(longnet_case(seed, i, world_size), strategy="ring")}
 
 
 def _sequence_parallel_worker(rank: int, world_size: int, init_file: str, strategy: str, cases,
@@ -247,7 +248,7 @@ def test_fuzz_head_window(capsys):
     run(capsys, "dilated_attention head window", window_case, check_window, 1000)
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "longnet"])
+@pytest.mark.parametrize("strategy", ["ulysses", "longnet", "ring"])
 @pytest.mark.parametrize("world_size,count", [(2, 100), (4, 40)])
 def test_fuzz_sequence_parallel(capsys, strategy, world_size, count):
     run_sequence_parallel(capsys, strategy, world_size, count)

@@ -43,7 +43,7 @@ def _equality_worker(rank: int, world_size: int, init_file: str, strategy: str) 
                 # refused with a clear error on every rank, before any collective
                 q = torch.randn(1, s, h, 8, dtype=torch.float64)
                 with pytest.raises(ValueError, match="must divide num_heads" if strategy == "ulysses" else
-                                   "the longnet strategy needs each segment length to divide the shard length"):
+                                   "the longnet and ring strategies need each segment length to divide the shard"):
                     sequence_parallel_attention(q, q, q, segs, rates, strategy=strategy)
                 continue
             ran += 1
@@ -68,7 +68,7 @@ def _equality_worker(rank: int, world_size: int, init_file: str, strategy: str) 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "longnet"])
+@pytest.mark.parametrize("strategy", ["ulysses", "longnet", "ring"])
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_each_strategy_equals_the_single_process_op(world_size, strategy):
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +94,7 @@ def _failing_worker(rank: int, world_size: int, init_file: str, check_shards: bo
         message = str(error)
     with open(os.path.join(out_dir, str(rank)), "w") as f:
         f.write(message)
+    dist.barrier()  # neither rank leaves (closing its connections) while the other still reads
     dist.destroy_process_group()
 
 
@@ -130,7 +131,7 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
     # shards of 12: segments of 4 and 12 inside them, 24 spanning both (longnet gathers its rows)
     segs, rates = [4, 12, 24], [1, 2, 4]
     try:
-        for strategy in ("ulysses", "longnet"):
+        for strategy in ("ulysses", "longnet", "ring"):
             op = getattr(torch.ops.dilated, f"{strategy}_attention")
             torch.manual_seed(rank)
             eager_in = [torch.randn(2, 12, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
@@ -165,7 +166,7 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
                                        want.detach(), rtol=0, atol=0)
             # a world_size that is not the group's: a clear error on every rank, before any collective
             with pytest.raises(ValueError, match=r"world_size \(4\) must be the size of process group|"
-                                                 r"the longnet strategy needs"):
+                                                 r"the longnet and ring strategies need"):
                 op(*eager_in, segs, rates, "longnet", True, None, dist.group.WORLD.group_name, 4)
             # every rank runs opcheck's calls in the same order, so their collectives pair up
             torch.library.opcheck(op.default, (*compiled_in, segs, rates, "longnet", True, None,
@@ -174,7 +175,7 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_both_strategies_compile_export_and_pass_opcheck():
+def test_every_strategy_compiles_exports_and_passes_opcheck():
     """Per strategy: torch.compile(fullgraph=True) with the op as one node, results equal to
     eager, forward and backward; torch.export with the op as one node, saved and loaded;
     torch.library.opcheck of the op (fake kernel, autograd, AOT dispatch) in a 2-rank group."""
@@ -219,6 +220,26 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         (dilated_ops.unshard_sequence(mine) * g).sum().backward()
         torch.testing.assert_close(mine.grad, world_size * dilated_ops.shard_sequence(g), **close)
 
+        # The factory's "ring" in a process group: the ring strategy on each rank's shard (48
+        # spans both shards of 32 here: its rows travel), parameters' gradients all-reduced.
+        kw_ring = dict(kw, segment_lengths=[8, 16, 64], dilation_rates=[1, 2, 4])
+        ring = dilated_ops.create_multihead_dilated_attention("ring", **kw_ring)
+        assert type(ring) is dilated_ops.RingMultiheadDilatedAttention
+        ref = dilated_ops.create_multihead_dilated_attention("improved", **kw_ring)
+        ref.load_state_dict(ring.state_dict())
+        xr = x.detach().clone().requires_grad_()
+        want, _ = ref(xr, xr, xr, is_causal=True)
+        want.backward(g)
+        xs = dilated_ops.shard_sequence(x.detach()).clone().requires_grad_()
+        got, _ = ring(xs, xs, xs, is_causal=True)
+        got.backward(dilated_ops.shard_sequence(g))
+        torch.testing.assert_close(got, dilated_ops.shard_sequence(want.detach()), **close)
+        torch.testing.assert_close(xs.grad, dilated_ops.shard_sequence(xr.grad), **close)
+        for (name, p), q in zip(ring.named_parameters(), ref.parameters()):
+            total = p.grad.clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, q.grad, msg=name, **close)
+
         # The single-head module of the factory's "distributed", on a process group given.
         a = dilated_ops.create_dilated_attention("distributed", segment_lengths=[8, 32], dilation_rates=[1, 4],
                                                  mode="longnet", process_group=dist.group.WORLD)
@@ -228,7 +249,7 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         torch.testing.assert_close(a(*shards), dilated_ops.shard_sequence(want), **close)
 
         # Each strategy through the module: 8 inside the shards of 24, 48 spanning both.
-        for strategy in ("longnet", "ulysses"):
+        for strategy in ("longnet", "ring", "ulysses"):
             a = dilated_ops.create_dilated_attention("distributed", segment_lengths=[8, 48], dilation_rates=[1, 4],
                                                      strategy=strategy)
             want = dilated_ops.dilated_attention(q, k, v, [8, 48], [1, 4], is_causal=True)
@@ -289,6 +310,24 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         want = kernels.longnet_bytes(leaves[0].shape, 8, 8, world_size, [8, 48], [1, 4], "longnet")
         assert forward > 0 and (forward, sum(sent) - forward) == want, (forward, sum(sent), want)
 
+        # ring: what each point-to-point pass sends
+        sent.clear()
+        real_pass = kernels._pass
+
+        def counting_pass(tensors, *args, **kwargs):
+            sent.append(sum(t.numel() * t.element_size() for t in tensors))
+            return real_pass(tensors, *args, **kwargs)
+
+        kernels._pass = counting_pass
+        try:
+            out = dilated_ops.sequence_parallel_attention(*leaves, [8, 48], [1, 4], strategy="ring", mode="longnet")
+            forward = sum(sent)
+            out.backward(torch.randn_like(out))
+        finally:
+            kernels._pass = real_pass
+        want = kernels.ring_bytes(leaves[0].shape, 8, 8, world_size, [8, 48], [1, 4], "longnet")
+        assert forward > 0 and (forward, sum(sent) - forward) == want, (forward, sum(sent), want)
+
         # Shards of different lengths: the same clear error on every rank, no hang.
         q = torch.randn(1, 8 + 4 * rank, 4, 8, dtype=torch.float64)
         with pytest.raises(ValueError, match=r"equal shards .*: got rank 0: \(1, 8, 4, 8\), rank 1: \(1, 12, 4, 8\)"):
@@ -333,7 +372,7 @@ def test_the_torchrun_example_trains_with_the_sequence_sharded():
     root = pathlib.Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            str(root / "examples" / "train_sequence_parallel.py"), "--steps", "40"],
-                          capture_output=True, text=True, timeout=300, cwd=root,
+                          capture_output=True, text=True, timeout=150, cwd=root,
                           env=dict(os.environ, PYTHONPATH=str(root)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(2 ranks, 256 positions each)" in proc.stdout
@@ -350,7 +389,7 @@ def _nccl_worker(rank: int, world_size: int, init_file: str) -> None:
         n, h, d, segs, rates = 8192, 12, 64, [512, 2048, 8192], [1, 2, 4]
         s = n // world_size
         mine = slice(rank * s, (rank + 1) * s)
-        for strategy, mode, is_causal in itertools.product(("ulysses", "longnet"), ("groups", "longnet"),
+        for strategy, mode, is_causal in itertools.product(("ulysses", "longnet", "ring"), ("groups", "longnet"),
                                                            (False, True)):
             torch.manual_seed(0)  # the same whole inputs on every rank
             full = [torch.randn(2, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -371,8 +410,8 @@ def _nccl_worker(rank: int, world_size: int, init_file: str) -> None:
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_both_strategies_on_gpus_over_nccl_match_one_gpu(world_size):
-    """bf16 on 2 and 4 GPUs over NCCL, Ulysses and LongNet: each rank's output slice and q/k/v
+def test_every_strategy_on_gpus_over_nccl_matches_one_gpu(world_size):
+    """bf16 on 2 and 4 GPUs over NCCL, Ulysses, LongNet and ring: each rank's output slice and q/k/v
     gradients match the one-GPU op on the whole sequence (relative error < 1e-2), both modes,
     causal and not."""
     if torch.cuda.device_count() < world_size:

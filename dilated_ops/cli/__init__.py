@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the pattern leaves it free)")
     bench.add_argument("--strategy", default="auto",
                        help="process-group rows (under torchrun): the sequence-parallel strategy, auto, "
-                            "longnet or ulysses")
+                            "longnet, ring or ulysses")
     bench.add_argument("--dense-max", type=int, default=65536,
                        help="largest seq_len timed with dense SDPA (0: no dense rows)")
     bench.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 20 CUDA, 5 CPU")

@@ -187,7 +187,7 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
             causal, torch.device("cpu"))
         flops = _bench.block_sparse_flops(layout, h, d, args.block_size, causal)
     # The row's own single-head module (variants.Variant.module): what a user of the row runs.
-    if variant.process_group:
+    if "strategy" in variant.options:
         options["strategy"] = args.strategy
     module = getattr(modules, variant.module)(segs, rates, mode=mode if mode in MODES else "groups", **options)
 
@@ -238,7 +238,7 @@ def _why_not_timed(n, impl, mode, args, dtype, timed_calls) -> Optional[str]:
     if variant is not None:
         if not variant.built:
             return f"{NOT_BUILT}: {variant.missing}"
-        if variant.process_group and not world:
+        if variant.needs_group and not world:
             return (f"{NOT_HERE}: {variant.name} runs across processes (torchrun --nproc-per-node P -m "
                     f"dilated_ops bench --impls {impl} ...)")
     if world > 1 and (variant is None or not variant.process_group):
@@ -311,12 +311,13 @@ def _comm_note(variant, n: int, mode: str, args, dtype) -> str:
     world = _world(args)
     shard = (args.batch, n // world, args.heads, args.head_dim)
     q = torch.empty(shard, dtype=dtype, device="meta")
-    strategy = sequence_parallel.choose_strategy(args.strategy, q, world, args.segment_lengths, args.dilation_rates)
+    strategy = "ring" if variant.name == "ring" else sequence_parallel.choose_strategy(
+        args.strategy, q, world, args.segment_lengths, args.dilation_rates)
     element = q.element_size()
     wide = 8 if dtype == torch.float64 else 4  # the log-sum-exp's and the accumulation's
-    if strategy == "longnet":
-        fwd, bwd = distributed.longnet_bytes(shard, element, wide, world, args.segment_lengths,
-                                             args.dilation_rates, mode)
+    if strategy in ("longnet", "ring"):
+        count = distributed.longnet_bytes if strategy == "longnet" else distributed.ring_bytes
+        fwd, bwd = count(shard, element, wide, world, args.segment_lengths, args.dilation_rates, mode)
     else:
         fwd, bwd = distributed.ulysses_bytes(shard, element, wide, world)
     return (f"seq_len {n}, {mode}, {strategy} on {world} ranks: each sends {fwd / 2**20:.4g} MiB forward, "

@@ -122,7 +122,7 @@ def longnet_geometry_error(shard_len: int, world_size: int, segment_lengths: Seq
         if shard_len % w == 0:
             continue
         if w % shard_len or shard_len % r:
-            return (f"the longnet strategy needs each segment length to divide the shard length ({shard_len}) or "
+            return (f"the longnet and ring strategies need each segment length to divide the shard length ({shard_len}) or "
                     f"be a multiple of it with the rate dividing the shard length: segment_lengths[{i}] = "
                     f"{segment_lengths[i]}, dilation_rates[{i}] = {r} on {world_size} ranks")
     return None
@@ -194,6 +194,32 @@ def _unpack(flat: torch.Tensor, branches, b: int, s: int, d: int):
     return out
 
 
+def _merge_rows(out, lse, q, rows, heads, kp, vp, g: int, scale: float) -> None:
+    """Attention of the rows ``q[:, rows, heads]`` over other ranks' K/V rows ``kp``, ``vp``
+    ``(b, H, L, d)``, merged into ``out`` and ``lse`` at those rows by log-sum-exp (SPEC section
+    3: one softmax over the union; ``g``: the number of branches in groups mode, where a head's
+    output is its branch's / G, else 1)."""
+    o_p, l_p = attention.forward(q[:, rows, heads], kp, vp, False, scale)
+    lse_x = lse[:, rows, heads]
+    l_p = l_p.to(lse.dtype)
+    l_new = torch.logaddexp(lse_x, l_p)
+    merged = (out[:, rows, heads].to(lse.dtype) * (g * torch.exp(lse_x - l_new)).unsqueeze(-1)
+              + o_p.to(lse.dtype) * torch.exp(l_p - l_new).unsqueeze(-1))
+    out[:, rows, heads] = (merged / g).to(out.dtype)
+    lse[:, rows, heads] = l_new
+
+
+def _rows_backward(grad_out, q, out, lse, dq, rows, heads, kp, vp, g: int, scale: float):
+    """The backward of :func:`_merge_rows`'s attention given the merged ``out`` and ``lse``:
+    adds the rows' dq into ``dq``, returns the K/V rows' gradients ``(b, H, L, d)`` in ``lse``'s
+    dtype."""
+    o_in = out[:, rows, heads] * g  # groups: the branch's own output (SPEC section 3)
+    gq, gk, gv = attention.backward(grad_out[:, rows, heads], q[:, rows, heads], kp, vp, o_in,
+                                    lse[:, rows, heads], False, scale)
+    dq[:, rows, heads] += (gq / g).to(dq.dtype)
+    return (gk / g).to(lse.dtype), (gv / g).to(lse.dtype)
+
+
 def longnet_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
     mode: str, is_causal: bool, scale: Optional[float], group, world_size: int, rank: int,
@@ -221,14 +247,7 @@ def longnet_forward(
             continue
         kp = torch.cat([parts[p][i][0] for p in peers], 2)
         vp = torch.cat([parts[p][i][1] for p in peers], 2)
-        o_p, l_p = attention.forward(q[:, rows, heads], kp, vp, False, scale)
-        lse_x = lse[:, rows, heads]
-        l_p = l_p.to(lse.dtype)
-        l_new = torch.logaddexp(lse_x, l_p)
-        merged = (out[:, rows, heads].to(lse.dtype) * (g * torch.exp(lse_x - l_new)).unsqueeze(-1)
-                  + o_p.to(lse.dtype) * torch.exp(l_p - l_new).unsqueeze(-1))
-        out[:, rows, heads] = (merged / g).to(out.dtype)
-        lse[:, rows, heads] = l_new
+        _merge_rows(out, lse, q, rows, heads, kp, vp, g, scale)
     return out, lse, gathered
 
 
@@ -258,14 +277,11 @@ def longnet_backward(
             continue
         kp = torch.cat([parts[p][i][0] for p in peers], 2)
         vp = torch.cat([parts[p][i][1] for p in peers], 2)
-        o_in = out[:, rows, heads] * g  # groups: the branch's own output (SPEC section 3)
-        gq, gk, gv = attention.backward(grad_out[:, rows, heads], q[:, rows, heads], kp, vp, o_in,
-                                        lse[:, rows, heads], False, scale)
-        dq[:, rows, heads] += (gq / g).to(dq.dtype)
+        gk, gv = _rows_backward(grad_out, q, out, lse, dq, rows, heads, kp, vp, g, scale)
         n_rows = s // x.rate
         for j, p in enumerate(peers):
-            home_parts[p][i][0].copy_(gk[:, :, j * n_rows:(j + 1) * n_rows] / g)
-            home_parts[p][i][1].copy_(gv[:, :, j * n_rows:(j + 1) * n_rows] / g)
+            home_parts[p][i][0].copy_(gk[:, :, j * n_rows:(j + 1) * n_rows])
+            home_parts[p][i][1].copy_(gv[:, :, j * n_rows:(j + 1) * n_rows])
     mine = home.new_empty(home.shape[1])
     _REDUCE_SCATTER(mine, home.reshape(-1), group=group)
     for (rows, heads), (gk, gv) in zip(index, _unpack(mine, branches, b, s, d)):
@@ -282,4 +298,109 @@ def longnet_bytes(shard_shape: Sequence[int], element_size: int, accumulate_size
     the same size), as a ring algorithm moves them."""
     numel = spanning_numel(shard_shape, world_size, segment_lengths, dilation_rates, mode)
     return (world_size - 1) * numel * element_size, (world_size - 1) * numel * accumulate_size
+
+
+def ring_bytes(shard_shape: Sequence[int], element_size: int, accumulate_size: int, world_size: int,
+               segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str) -> Tuple[int, int]:
+    """``(forward, backward)`` bytes one rank sends in one ring call on shards ``(b, s, h, d)``:
+    the spanning segments' K/V rows it holds, ``P - 1`` times forward and again backward, and the
+    rows' float32 gradients ``P`` times (the last pass takes them home)."""
+    numel = spanning_numel(shard_shape, world_size, segment_lengths, dilation_rates, mode)
+    if not numel:
+        return 0, 0
+    return ((world_size - 1) * numel * element_size,
+            (world_size - 1) * numel * element_size + world_size * numel * accumulate_size)
+
+
+def _pass(tensors, group, rank: int, world_size: int):
+    """Sends each tensor to the next rank of the ring and receives as many from the previous
+    one (batched isend/irecv); returns ``(requests, received)``: wait on the requests before
+    reading the received tensors."""
+    nxt = dist.get_global_rank(group, (rank + 1) % world_size)
+    prev = dist.get_global_rank(group, (rank - 1) % world_size)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, prev, group) for r in received]
+    return dist.batch_isend_irecv(ops), received
+
+
+def _wait(requests) -> None:
+    for r in requests:
+        r.wait()
+
+
+def ring_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+    mode: str, is_causal: bool, scale: Optional[float], group, world_size: int, rank: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of this rank's shard by the ring: the single-device op on the shard (as
+    :func:`longnet_forward`), then the packed dilated K/V rows of the spanning segments travel
+    the ring, one rank's per step (the next step's transfer posted before this step's
+    attention), and each rank merges in the rows of its segments' other ranks as they pass.
+    Only two ranks' rows are held at a time."""
+    b, s, h, d = q.shape
+    scale = attention.default_scale(d, scale)
+    out, lse = dilated_attention_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale)
+    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    if not branches:
+        return out, lse
+    index = [_index(x, s, q.device) for x in branches]
+    peers = [_peers(x, rank, s, world_size, is_causal) for x in branches]
+    g = len(segment_lengths) if mode == "groups" else 1
+    rows_kv = torch.cat([t[:, rows, heads].reshape(-1) for rows, heads in index for t in (k, v)])
+    for step in range(world_size):
+        owner = (rank - step) % world_size  # whose rows rows_kv holds
+        transfer = _pass([rows_kv], group, rank, world_size) if step < world_size - 1 else None
+        if step > 0:
+            parts = _unpack(rows_kv, branches, b, s, d)
+            for i, (rows, heads) in enumerate(index):
+                if owner in peers[i]:
+                    _merge_rows(out, lse, q, rows, heads, parts[i][0], parts[i][1], g, scale)
+        if transfer is not None:
+            _wait(transfer[0])
+            (rows_kv,) = transfer[1]
+    return out, lse
+
+
+def ring_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str, is_causal: bool,
+    scale: Optional[float], group, world_size: int, rank: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of this rank's shard: the single-device backward with the merged ``out``
+    and ``lse``, then the K/V rows travel the ring again with a float32 accumulator of their
+    gradients, which each rank adds its queries' share to; after ``P`` passes the accumulator
+    is home."""
+    b, s, h, d = q.shape
+    scale = attention.default_scale(d, scale)
+    dq, dk, dv = dilated_attention_backward(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode,
+                                            is_causal, scale)
+    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    if not branches:
+        return dq, dk, dv
+    index = [_index(x, s, q.device) for x in branches]
+    peers = [_peers(x, rank, s, world_size, is_causal) for x in branches]
+    g = len(segment_lengths) if mode == "groups" else 1
+    rows_kv = torch.cat([t[:, rows, heads].reshape(-1) for rows, heads in index for t in (k, v)])
+    grads = torch.zeros(rows_kv.shape, dtype=lse.dtype, device=q.device)  # of the rows in rows_kv
+    for step in range(world_size):
+        owner = (rank - step) % world_size
+        transfer = _pass([rows_kv], group, rank, world_size) if step < world_size - 1 else None
+        if step > 0:
+            parts, grad_parts = _unpack(rows_kv, branches, b, s, d), _unpack(grads, branches, b, s, d)
+            for i, (rows, heads) in enumerate(index):
+                if owner in peers[i]:
+                    gk, gv = _rows_backward(grad_out, q, out, lse, dq, rows, heads, parts[i][0], parts[i][1], g,
+                                            scale)
+                    grad_parts[i][0].add_(gk)
+                    grad_parts[i][1].add_(gv)
+        requests, (grads,) = _pass([grads], group, rank, world_size)  # with their rows, to the next rank
+        _wait(requests)
+        if transfer is not None:
+            _wait(transfer[0])
+            (rows_kv,) = transfer[1]
+    for (rows, heads), (gk, gv) in zip(index, _unpack(grads, branches, b, s, d)):  # home after P passes
+        dk[:, rows, heads] += gk.to(dk.dtype)
+        dv[:, rows, heads] += gv.to(dv.dtype)
+    return dq, dk, dv
 

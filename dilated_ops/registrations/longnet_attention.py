@@ -23,7 +23,8 @@ from .ulysses_attention import resolve_group
 
 
 def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size):
-    """The op's arguments, before any collective (a rank with bad input raises at once)."""
+    """The op's arguments, before any collective (a rank with bad input raises at once); the
+    ring op takes the same."""
     segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
         q, k, v, segment_lengths, dilation_rates, mode, scale, 0.0, is_causal=is_causal)
     _checks.check_positive_int("world_size", world_size)
