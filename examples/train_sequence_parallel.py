@@ -1,8 +1,8 @@
 """Train a small causal language model with every sequence sharded over the ranks of a process
 group (sequence parallelism), launched by torchrun:
 
-    torchrun --nproc-per-node 2 examples/train_sequence_parallel.py                  # CPUs, gloo
-    torchrun --nproc-per-node 4 examples/train_sequence_parallel.py --device cuda    # GPUs, NCCL
+    torchrun --standalone --nproc-per-node 2 examples/train_sequence_parallel.py     # CPUs, gloo
+    torchrun --standalone --nproc-per-node 4 examples/train_sequence_parallel.py --device cuda  # GPUs, NCCL
 
 Rank ``p`` of ``P`` holds positions ``[p * n / P, (p + 1) * n / P)`` of every sequence
 (``dilated_ops.shard_sequence``). The attention layers are the factory's "distributed" (here

@@ -105,11 +105,11 @@ def test_bench_under_torchrun_times_the_process_group_rows(tmp_path):
     and only rank 0 writes."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dilated_ops", "bench",
-         "--device", "cpu", "--seq-lens", "256,255", "--heads", "4", "--head-dim", "8", "--segment-lengths", "64,128",
-         "--dilation-rates", "1,2", "--repeats", "2", "--warmup", "1", "--impls", "dilated-distributed,dense",
-         "--strategy", "ulysses",
-         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dilated_ops",
+         "bench", "--device", "cpu", "--seq-lens", "256,255", "--heads", "4", "--head-dim", "8",
+         "--segment-lengths", "64,128", "--dilation-rates", "1,2", "--repeats", "2", "--warmup", "1",
+         "--impls", "dilated-distributed,dense", "--strategy", "ulysses", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -183,6 +183,29 @@ def test_every_strategy_compiles_exports_and_passes_opcheck():
         mp.spawn(_compile_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
 
 
+def _sharded_equals_whole(module, ref, x, g):
+    """``module`` on this rank's shard of ``x`` against ``ref`` (given ``module``'s parameters)
+    on the whole: the output shard, the input gradient's shard and the parameter gradients
+    all-reduced over the ranks (float64, 1e-10). Returns ``(shard output, whole output)``."""
+    import dilated_ops
+
+    close = dict(rtol=1e-10, atol=1e-10)
+    ref.load_state_dict(module.state_dict())
+    xr = x.clone().requires_grad_()
+    want, _ = ref(xr, xr, xr, is_causal=True)
+    want.backward(g)
+    xs = dilated_ops.shard_sequence(x).clone().requires_grad_()
+    got, _ = module(xs, xs, xs, is_causal=True)
+    got.backward(dilated_ops.shard_sequence(g))
+    torch.testing.assert_close(got, dilated_ops.shard_sequence(want.detach()), **close)
+    torch.testing.assert_close(xs.grad, dilated_ops.shard_sequence(xr.grad), **close)
+    for (name, p), q in zip(module.named_parameters(), ref.parameters()):
+        total = p.grad.clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, q.grad, msg=name, **close)
+    return got, want
+
+
 def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
     import copy
 
@@ -199,46 +222,21 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         m = dilated_ops.create_multihead_dilated_attention("auto", **kw)
         assert type(m) is dilated_ops.DistributedMultiheadDilatedAttention, type(m)
         assert "world size 2" in m.selection_reason
-        ref = dilated_ops.create_multihead_dilated_attention("improved", **kw)
-        ref.load_state_dict(m.state_dict())
-        x = torch.randn(2, 64, 32, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(2, 64, 32, dtype=torch.float64)
         g = torch.randn(2, 64, 32, dtype=torch.float64)
-        want, _ = ref(x, x, x, is_causal=True)
-        want.backward(g)
-        xs = dilated_ops.shard_sequence(x.detach()).clone().requires_grad_()
-        got, _ = m(xs, xs, xs, is_causal=True)
-        got.backward(dilated_ops.shard_sequence(g))
-        torch.testing.assert_close(got, dilated_ops.shard_sequence(want.detach()), **close)
-        torch.testing.assert_close(xs.grad, dilated_ops.shard_sequence(x.grad), **close)
-        for (name, p), q in zip(m.named_parameters(), ref.parameters()):
-            total = p.grad.clone()
-            dist.all_reduce(total)
-            torch.testing.assert_close(total, q.grad, msg=name, **close)
+        got, want = _sharded_equals_whole(m, dilated_ops.create_multihead_dilated_attention("improved", **kw), x, g)
         torch.testing.assert_close(dilated_ops.unshard_sequence(got.detach()), want.detach(), **close)
         # unshard_sequence's gradient: every rank's loss on the whole reaches each shard (summed)
-        mine = dilated_ops.shard_sequence(x.detach()).clone().requires_grad_()
+        mine = dilated_ops.shard_sequence(x).clone().requires_grad_()
         (dilated_ops.unshard_sequence(mine) * g).sum().backward()
         torch.testing.assert_close(mine.grad, world_size * dilated_ops.shard_sequence(g), **close)
 
-        # The factory's "ring" in a process group: the ring strategy on each rank's shard (48
-        # spans both shards of 32 here: its rows travel), parameters' gradients all-reduced.
+        # The factory's "ring" in a process group: the ring strategy on each rank's shard (64
+        # spans both shards of 32 here: its rows travel).
         kw_ring = dict(kw, segment_lengths=[8, 16, 64], dilation_rates=[1, 2, 4])
         ring = dilated_ops.create_multihead_dilated_attention("ring", **kw_ring)
         assert type(ring) is dilated_ops.RingMultiheadDilatedAttention
-        ref = dilated_ops.create_multihead_dilated_attention("improved", **kw_ring)
-        ref.load_state_dict(ring.state_dict())
-        xr = x.detach().clone().requires_grad_()
-        want, _ = ref(xr, xr, xr, is_causal=True)
-        want.backward(g)
-        xs = dilated_ops.shard_sequence(x.detach()).clone().requires_grad_()
-        got, _ = ring(xs, xs, xs, is_causal=True)
-        got.backward(dilated_ops.shard_sequence(g))
-        torch.testing.assert_close(got, dilated_ops.shard_sequence(want.detach()), **close)
-        torch.testing.assert_close(xs.grad, dilated_ops.shard_sequence(xr.grad), **close)
-        for (name, p), q in zip(ring.named_parameters(), ref.parameters()):
-            total = p.grad.clone()
-            dist.all_reduce(total)
-            torch.testing.assert_close(total, q.grad, msg=name, **close)
+        _sharded_equals_whole(ring, dilated_ops.create_multihead_dilated_attention("improved", **kw_ring), x, g)
 
         # The single-head module of the factory's "distributed", on a process group given.
         a = dilated_ops.create_dilated_attention("distributed", segment_lengths=[8, 32], dilation_rates=[1, 4],
@@ -261,8 +259,8 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         sharded, report = dilated_ops.convert(copy.deepcopy(mha), [8, 16, 32], [1, 2, 4],
                                               implementation="distributed")
         assert len(report.rewritten) == 1 and not report.refused, report
-        want = local(x.detach(), x.detach(), x.detach(), need_weights=False)[0]
-        xs = dilated_ops.shard_sequence(x.detach())
+        want = local(x, x, x, need_weights=False)[0]
+        xs = dilated_ops.shard_sequence(x)
         torch.testing.assert_close(sharded(xs, xs, xs, need_weights=False)[0], dilated_ops.shard_sequence(want),
                                    **close)
 
@@ -370,7 +368,7 @@ def test_the_torchrun_example_trains_with_the_sequence_sharded():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(root / "examples" / "train_sequence_parallel.py"), "--steps", "40"],
                           capture_output=True, text=True, timeout=150, cwd=root,
                           env=dict(os.environ, PYTHONPATH=str(root)))

@@ -19,6 +19,11 @@ dilated rows in this shard; the rows of the segment's other shards (all of them,
 log-sum-exp (SPEC section 3: one softmax over the union). The backward is the single-device
 backward with the merged output and log-sum-exp, plus the gathered rows' backward, whose K/V
 gradients go home in one reduce-scatter (accumulated in float32).
+
+Ring: as LongNet, but the spanning segments' rows travel the ring by point-to-point transfers,
+one rank's rows per step (the next transfer posted before this step's attention), so a rank holds
+two ranks' rows at a time; the backward sends them around again with a float32 accumulator of
+their gradients, home after ``P`` passes.
 """
 from __future__ import annotations
 
@@ -122,9 +127,9 @@ def longnet_geometry_error(shard_len: int, world_size: int, segment_lengths: Seq
         if shard_len % w == 0:
             continue
         if w % shard_len or shard_len % r:
-            return (f"the longnet and ring strategies need each segment length to divide the shard length ({shard_len}) or "
-                    f"be a multiple of it with the rate dividing the shard length: segment_lengths[{i}] = "
-                    f"{segment_lengths[i]}, dilation_rates[{i}] = {r} on {world_size} ranks")
+            return (f"the longnet and ring strategies need each segment length to divide the shard length "
+                    f"({shard_len}) or be a multiple of it with the rate dividing the shard length: "
+                    f"segment_lengths[{i}] = {segment_lengths[i]}, dilation_rates[{i}] = {r} on {world_size} ranks")
     return None
 
 
@@ -194,6 +199,20 @@ def _unpack(flat: torch.Tensor, branches, b: int, s: int, d: int):
     return out
 
 
+def _spanning_setup(q: torch.Tensor, world_size: int, segment_lengths, dilation_rates, mode):
+    """``(branches, index, g)`` of a call on shard ``q``: the spanning branches, their row
+    indices (:func:`_index`), and ``G`` in groups mode (a head's output is its branch's / G) or
+    1 in longnet mode."""
+    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    index = [_index(x, q.shape[1], q.device) for x in branches]
+    return branches, index, (len(segment_lengths) if mode == "groups" else 1)
+
+
+def _pack(k: torch.Tensor, v: torch.Tensor, index) -> torch.Tensor:
+    """This shard's K/V rows of the spanning branches, packed flat (:func:`_unpack` reads them)."""
+    return torch.cat([t[:, rows, heads].reshape(-1) for rows, heads in index for t in (k, v)])
+
+
 def _merge_rows(out, lse, q, rows, heads, kp, vp, g: int, scale: float) -> None:
     """Attention of the rows ``q[:, rows, heads]`` over other ranks' K/V rows ``kp``, ``vp``
     ``(b, H, L, d)``, merged into ``out`` and ``lse`` at those rows by log-sum-exp (SPEC section
@@ -229,18 +248,14 @@ def longnet_forward(
     b, s, h, d = q.shape
     scale = attention.default_scale(d, scale)
     out, lse = dilated_attention_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale)
-    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    branches, index, g = _spanning_setup(q, world_size, segment_lengths, dilation_rates, mode)
     if not branches:
         return out, lse, q.new_empty(world_size, 0)
-    index = [_index(x, s, q.device) for x in branches]
-    send = torch.cat([t[:, rows, heads].reshape(-1) for rows, heads in index for t in (k, v)])
+    send = _pack(k, v, index)
     gathered = send.new_empty(world_size * send.numel())
     _ALL_GATHER(gathered, send, group=group)
     gathered = gathered.view(world_size, send.numel())
     parts = [_unpack(gathered[p], branches, b, s, d) for p in range(world_size)]
-    # groups: a head's output is its branch's / G, so merge G * out; longnet: out is already the
-    # softmax over the union so far
-    g = len(segment_lengths) if mode == "groups" else 1
     for i, (x, (rows, heads)) in enumerate(zip(branches, index)):
         peers = _peers(x, rank, s, world_size, is_causal)
         if not peers:
@@ -262,11 +277,9 @@ def longnet_backward(
     scale = attention.default_scale(d, scale)
     dq, dk, dv = dilated_attention_backward(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode,
                                             is_causal, scale)
-    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    branches, index, g = _spanning_setup(q, world_size, segment_lengths, dilation_rates, mode)
     if not branches:
         return dq, dk, dv
-    g = len(segment_lengths) if mode == "groups" else 1
-    index = [_index(x, s, q.device) for x in branches]
     parts = [_unpack(gathered[p], branches, b, s, d) for p in range(world_size)]
     # every rank's K/V rows' gradients from this rank's queries, summed over ranks in float32
     home = torch.zeros(gathered.shape, dtype=lse.dtype, device=q.device)
@@ -341,13 +354,11 @@ def ring_forward(
     b, s, h, d = q.shape
     scale = attention.default_scale(d, scale)
     out, lse = dilated_attention_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale)
-    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    branches, index, g = _spanning_setup(q, world_size, segment_lengths, dilation_rates, mode)
     if not branches:
         return out, lse
-    index = [_index(x, s, q.device) for x in branches]
     peers = [_peers(x, rank, s, world_size, is_causal) for x in branches]
-    g = len(segment_lengths) if mode == "groups" else 1
-    rows_kv = torch.cat([t[:, rows, heads].reshape(-1) for rows, heads in index for t in (k, v)])
+    rows_kv = _pack(k, v, index)
     for step in range(world_size):
         owner = (rank - step) % world_size  # whose rows rows_kv holds
         transfer = _pass([rows_kv], group, rank, world_size) if step < world_size - 1 else None
@@ -375,13 +386,11 @@ def ring_backward(
     scale = attention.default_scale(d, scale)
     dq, dk, dv = dilated_attention_backward(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode,
                                             is_causal, scale)
-    branches = _branches(q.shape, world_size, segment_lengths, dilation_rates, mode)
+    branches, index, g = _spanning_setup(q, world_size, segment_lengths, dilation_rates, mode)
     if not branches:
         return dq, dk, dv
-    index = [_index(x, s, q.device) for x in branches]
     peers = [_peers(x, rank, s, world_size, is_causal) for x in branches]
-    g = len(segment_lengths) if mode == "groups" else 1
-    rows_kv = torch.cat([t[:, rows, heads].reshape(-1) for rows, heads in index for t in (k, v)])
+    rows_kv = _pack(k, v, index)
     grads = torch.zeros(rows_kv.shape, dtype=lse.dtype, device=q.device)  # of the rows in rows_kv
     for step in range(world_size):
         owner = (rank - step) % world_size
