@@ -416,3 +416,51 @@ def test_every_strategy_on_gpus_over_nccl_matches_one_gpu(world_size):
         pytest.skip(f"needs {world_size} CUDA GPUs (found {torch.cuda.device_count()})")
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_nccl_worker, args=(world_size, os.path.join(tmp, "init")), nprocs=world_size, join=True)
+
+
+def _segment_ranks_worker(rank: int, world_size: int, init_file: str) -> None:
+    import dilated_ops
+    from dilated_ops.kernels import distributed as kernels
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        sizes, real_gather, real_scatter = [], kernels._ALL_GATHER, kernels._REDUCE_SCATTER
+
+        def gather(output, input, group=None, **kwargs):
+            sizes.append(("gather", dist.get_world_size(group), input.numel()))
+            return real_gather(output, input, group=group, **kwargs)
+
+        def scatter(output, input, group=None, **kwargs):
+            sizes.append(("scatter", dist.get_world_size(group), output.numel()))
+            return real_scatter(output, input, group=group, **kwargs)
+
+        kernels._ALL_GATHER, kernels._REDUCE_SCATTER = gather, scatter
+        torch.manual_seed(0)
+        full = [torch.randn(1, 32, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        # shards of 8: segments of 16 span 2 ranks (groups {0, 1}, {2, 3}), 64 > 32 spans all 4
+        segs, rates = [16, 64], [2, 4]
+        want = dilated_ops.dilated_attention(*full, segs, rates, mode="longnet", is_causal=True)
+        g = torch.randn_like(want)
+        want_grads = torch.autograd.grad(want, full, g)
+        shards = [dilated_ops.shard_sequence(t.detach()).clone().requires_grad_() for t in full]
+        got = dilated_ops.sequence_parallel_attention(*shards, segs, rates, strategy="longnet", mode="longnet",
+                                                      is_causal=True)
+        got_grads = torch.autograd.grad(got, shards, dilated_ops.shard_sequence(g))
+        kernels._ALL_GATHER, kernels._REDUCE_SCATTER = real_gather, real_scatter
+        close = dict(rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got, dilated_ops.shard_sequence(want.detach()), **close)
+        for x, y in zip(got_grads, want_grads):
+            torch.testing.assert_close(x, dilated_ops.shard_sequence(y), **close)
+        # per branch (2 heads x 8 / r rows of k and v), among its segment's ranks only
+        rows16, rows64 = 2 * 2 * (8 // 2) * 4, 2 * 2 * (8 // 4) * 4
+        assert sizes == [("gather", 2, rows16), ("gather", 4, rows64), ("scatter", 2, rows16),
+                         ("scatter", 4, rows64)], sizes
+    finally:
+        dist.destroy_process_group()
+
+
+def test_longnet_gathers_only_among_a_segments_ranks():
+    """A segment spanning 2 of 4 shards gathers its rows (and returns their gradients) among
+    those 2 ranks; one spanning the sequence among all 4; the result is still exact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_segment_ranks_worker, args=(4, os.path.join(tmp, "init")), nprocs=4, join=True)

@@ -14,11 +14,12 @@ own shard. A branch whose segments lie inside shards (``w`` divides the shard le
 nothing more. A branch whose segment spans ``m = w / s`` whole shards (``w`` a multiple of ``s``,
 ``w >= n`` meaning the whole sequence) got, from the shard alone, attention over the segment's
 dilated rows in this shard; the rows of the segment's other shards (all of them, or with
-``is_causal`` the earlier ones) come by one all-gather of every such branch's dilated K/V rows
-(``s / r`` rows a head), are attended by the rank's selected queries, and are merged in by
-log-sum-exp (SPEC section 3: one softmax over the union). The backward is the single-device
-backward with the merged output and log-sum-exp, plus the gathered rows' backward, whose K/V
-gradients go home in one reduce-scatter (accumulated in float32).
+``is_causal`` the earlier ones) come by an all-gather among the ranks of the segment only (one
+per span, of every branch with that span: ``s / r`` rows a head), are attended by the rank's
+selected queries, and are merged in by log-sum-exp (SPEC section 3: one softmax over the union).
+The backward is the single-device backward with the merged output and log-sum-exp, plus the
+gathered rows' backward, whose K/V gradients go home by a reduce-scatter among the same ranks
+(accumulated in float32).
 
 Ring: as LongNet, but the spanning segments' rows travel the ring by point-to-point transfers,
 one rank's rows per step (the next transfer posted before this step's attention), so a rank holds
@@ -28,7 +29,8 @@ their gradients, home after ``P`` passes.
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import threading
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -134,13 +136,15 @@ def longnet_geometry_error(shard_len: int, world_size: int, segment_lengths: Seq
 
 
 class _Branch(NamedTuple):
-    """A branch whose segments span shards, with every (head, offset) it runs on the shard: its
-    launches (:func:`segments.plan`) batched into one attention call."""
+    """A branch whose segments span shards (``span`` of them, at most ``P``), with every (head,
+    offset) it runs on the shard: its launches (:func:`segments.plan`) batched into one
+    attention call."""
 
     seg_len: int
     rate: int
     heads: Tuple[int, ...]
     offsets: Tuple[int, ...]
+    span: int
 
 
 @functools.lru_cache(maxsize=256)
@@ -154,7 +158,9 @@ def _spanning(h: int, shard_len: int, world_size: int, segment_lengths: Tuple[in
             heads = tuple(range(*c.heads.indices(h)))
             w, r, hs, os = branches.get(c.branch, (c.seg_len, c.rate, (), ()))
             branches[c.branch] = (w, r, hs + heads, os + (c.offset,) * len(heads))
-    return tuple(_Branch(*x) for x in branches.values())
+    # ordered by span: the rows of the branches of one span are gathered together
+    return tuple(sorted((_Branch(*x, span=min(x[0], n) // shard_len) for x in branches.values()),
+                        key=lambda x: x.span))
 
 
 def _branches(shape, world_size: int, segment_lengths, dilation_rates, mode) -> Tuple[_Branch, ...]:
@@ -163,12 +169,49 @@ def _branches(shape, world_size: int, segment_lengths, dilation_rates, mode) -> 
     return _spanning(int(shape[2]), int(shape[1]), world_size, tuple(segment_lengths), tuple(dilation_rates), mode)
 
 
+def _members(span: int, rank: int, world_size: int) -> range:
+    """The ranks holding this rank's segment when segments span ``span`` shards."""
+    first = rank // span * span
+    return range(first, min(first + span, world_size))
+
+
 def _peers(branch: _Branch, rank: int, shard_len: int, world_size: int, is_causal: bool) -> List[int]:
     """The other ranks holding rows of this rank's segment of ``branch`` (with ``is_causal``,
     the earlier ones: all their rows precede this rank's)."""
-    m = min(branch.seg_len, shard_len * world_size) // shard_len
-    first = rank // m * m
-    return [p for p in range(first, min(first + m, world_size)) if p < rank or (p > rank and not is_causal)]
+    return [p for p in _members(branch.span, rank, world_size) if p < rank or (p > rank and not is_causal)]
+
+
+_SEGMENT_GROUPS: Dict[tuple, object] = {}  # (group name, span, first member) -> its process group
+_SEGMENT_GROUPS_LOCK = threading.Lock()
+
+
+def _segment_group(group, span: int, rank: int, world_size: int):
+    """The process group of this rank's segment's ranks (``group`` itself when a segment spans
+    every rank), made once per (group, span) by the member ranks alone."""
+    members = _members(span, rank, world_size)
+    if len(members) == world_size:
+        return group
+    key = (group.group_name, span, members[0])
+    with _SEGMENT_GROUPS_LOCK:
+        sub = _SEGMENT_GROUPS.get(key)
+        if sub is None:
+            sub = dist.new_group([dist.get_global_rank(group, p) for p in members], use_local_synchronization=True)
+            _SEGMENT_GROUPS[key] = sub
+    return sub
+
+
+def _span_runs(branches, b: int, s: int, d: int):
+    """``(span, first column, columns)`` of each run of branches with one span in a packed
+    buffer (:func:`_pack`; the branches are ordered by span)."""
+    runs, at = [], 0
+    for x in branches:
+        size = 2 * b * len(x.heads) * (s // x.rate) * d
+        if runs and runs[-1][0] == x.span:
+            runs[-1][2] += size
+        else:
+            runs.append([x.span, at, size])
+        at += size
+    return runs
 
 
 def _index(branch: _Branch, shard_len: int, device):
@@ -252,9 +295,13 @@ def longnet_forward(
     if not branches:
         return out, lse, q.new_empty(world_size, 0)
     send = _pack(k, v, index)
-    gathered = send.new_empty(world_size * send.numel())
-    _ALL_GATHER(gathered, send, group=group)
-    gathered = gathered.view(world_size, send.numel())
+    # row p: rank p's rows, filled for the ranks of this rank's segments (the others are not read)
+    gathered = send.new_zeros(world_size, send.numel())
+    for span, at, size in _span_runs(branches, b, s, d):
+        members = _members(span, rank, world_size)
+        received = send.new_empty(len(members) * size)
+        _ALL_GATHER(received, send[at:at + size], group=_segment_group(group, span, rank, world_size))
+        gathered[members.start:members.stop, at:at + size] = received.view(len(members), size)
     parts = [_unpack(gathered[p], branches, b, s, d) for p in range(world_size)]
     for i, (x, (rows, heads)) in enumerate(zip(branches, index)):
         peers = _peers(x, rank, s, world_size, is_causal)
@@ -296,7 +343,10 @@ def longnet_backward(
             home_parts[p][i][0].copy_(gk[:, :, j * n_rows:(j + 1) * n_rows])
             home_parts[p][i][1].copy_(gv[:, :, j * n_rows:(j + 1) * n_rows])
     mine = home.new_empty(home.shape[1])
-    _REDUCE_SCATTER(mine, home.reshape(-1), group=group)
+    for span, at, size in _span_runs(branches, b, s, d):
+        members = _members(span, rank, world_size)
+        _REDUCE_SCATTER(mine[at:at + size], home[members.start:members.stop, at:at + size].contiguous().view(-1),
+                        group=_segment_group(group, span, rank, world_size))
     for (rows, heads), (gk, gv) in zip(index, _unpack(mine, branches, b, s, d)):
         dk[:, rows, heads] += gk.to(dk.dtype)
         dv[:, rows, heads] += gv.to(dv.dtype)
@@ -305,12 +355,14 @@ def longnet_backward(
 
 def longnet_bytes(shard_shape: Sequence[int], element_size: int, accumulate_size: int, world_size: int,
                   segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str) -> Tuple[int, int]:
-    """``(forward, backward)`` bytes one rank sends in one LongNet call on shards ``(b, s, h,
-    d)``: its dilated K/V rows of the spanning segments to the ``P - 1`` others (all-gather), and
-    the gathered rows' gradients in the accumulation dtype (reduce-scatter: ``P - 1`` chunks of
-    the same size), as a ring algorithm moves them."""
-    numel = spanning_numel(shard_shape, world_size, segment_lengths, dilation_rates, mode)
-    return (world_size - 1) * numel * element_size, (world_size - 1) * numel * accumulate_size
+    """``(forward, backward)`` bytes a rank of a full segment (rank 0) sends in one LongNet call
+    on shards ``(b, s, h, d)``: per spanning branch, its dilated K/V rows to the other ranks of
+    its segment (all-gather), and the gathered rows' gradients in the accumulation dtype
+    (reduce-scatter: as many chunks of the same size), as a ring algorithm moves them."""
+    b, s, h, d = shard_shape
+    branches = _branches(shard_shape, world_size, segment_lengths, dilation_rates, mode)
+    numel = sum((len(_members(span, 0, world_size)) - 1) * size for span, _, size in _span_runs(branches, b, s, d))
+    return numel * element_size, numel * accumulate_size
 
 
 def ring_bytes(shard_shape: Sequence[int], element_size: int, accumulate_size: int, world_size: int,
