@@ -65,7 +65,7 @@ def shard_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: in
 
 class _Unshard(torch.autograd.Function):
     """All-gather along ``dim``; the gradient of each rank's shard sums every rank's gradient of
-    the whole (an all-reduce, then this rank's slice: gloo has no reduce-scatter)."""
+    the whole (an all-reduce, then this rank's slice: collectives every backend has)."""
 
     @staticmethod
     def forward(ctx, x, group, dim: int):
@@ -95,8 +95,11 @@ def _agree(q: Tensor, group, world_size: int, error: Optional[Exception]) -> Non
     raises: the rank whose check failed its own error, the others a ``ValueError`` quoting it,
     and all of them the same ``ValueError`` naming each rank's shape for unequal shards. One
     small all-gather (and a host sync); the messages travel only when a check failed."""
-    device = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    mine = torch.tensor([error is not None, *q.shape], dtype=torch.int64, device=device)
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    # q passed the checks unless there is an error: 4-D then; a failed rank's shape is not read
+    mine = torch.tensor([error is not None, *(q.shape if error is None else (0, 0, 0, 0))], dtype=torch.int64,
+                        device=device)
     rows = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(rows, mine, group=group)
     rows = [tuple(r.tolist()) for r in rows]

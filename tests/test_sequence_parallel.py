@@ -87,13 +87,16 @@ def _failing_worker(rank: int, world_size: int, init_file: str, check_shards: bo
     rates = [1, 2] if rank == 0 else [1, 3]  # rank 1 passes a bad rate (8 % 3 != 0)
     if not check_shards:
         sequence_parallel_attention(q, q, q, [4, 8], rates, check_shards=False)
-    try:
-        sequence_parallel_attention(q, q, q, [4, 8], rates)
-        message = "no error"
-    except ValueError as error:
-        message = str(error)
+    messages = []
+    # then rank 1 passes a 3-D q (a shape the agreement cannot hold): the same, no collective mismatch
+    for bad_q in (q, q if rank == 0 else q[0]):
+        try:
+            sequence_parallel_attention(bad_q, bad_q, bad_q, [4, 8], rates if bad_q is q else [1, 2])
+            messages.append("no error")
+        except ValueError as error:
+            messages.append(str(error))
     with open(os.path.join(out_dir, str(rank)), "w") as f:
-        f.write(message)
+        f.write("\n".join(messages))
     dist.barrier()  # neither rank leaves (closing its connections) while the other still reads
     dist.destroy_process_group()
 
@@ -103,11 +106,12 @@ def test_a_rank_that_raises_makes_every_rank_raise_its_error():
     raises its own error, every other rank a ValueError quoting it; nobody hangs."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_failing_worker, args=(2, os.path.join(tmp, "init"), True, tmp), nprocs=2, join=True)
-        messages = [open(os.path.join(tmp, str(r))).read() for r in range(2)]
-    cause = "segment_lengths[1] (8) must be divisible by dilation_rates[1] (3)"
-    assert messages[1].startswith(cause), messages
-    assert messages[0].startswith("sequence-parallel attention: rank 1 of the group refused its arguments "
-                                  f"(ValueError: {cause}"), messages
+        messages = [open(os.path.join(tmp, str(r))).read().split("\n") for r in range(2)]
+    for i, cause in enumerate(("segment_lengths[1] (8) must be divisible by dilation_rates[1] (3)",
+                               "q must be 4-D (batch, seq, heads, head_dim): got shape (8, 4, 8)")):
+        assert messages[1][i].startswith(cause), messages
+        assert messages[0][i].startswith("sequence-parallel attention: rank 1 of the group refused its arguments "
+                                         f"(ValueError: {cause}"), messages
 
 
 def test_without_the_check_a_rank_that_raises_still_fails_the_job_with_no_hang():
