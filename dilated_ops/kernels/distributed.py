@@ -136,31 +136,35 @@ def longnet_geometry_error(shard_len: int, world_size: int, segment_lengths: Seq
 
 
 class _Branch(NamedTuple):
-    """A branch whose segments span shards (``span`` of them, at most ``P``), with every (head,
-    offset) it runs on the shard: its launches (:func:`segments.plan`) batched into one
-    attention call."""
+    """A branch whose segments span shards (``span`` of them, at most ``P``), on the heads
+    ``[head_start, head_start + num_heads)`` at offset ``offset`` (groups mode: the branch's
+    group, one offset) or, with ``offset`` None, head ``j`` at offset ``j % rate`` (longnet
+    mode: every head): its launches (:func:`segments.plan`) batched into one attention call."""
 
     seg_len: int
     rate: int
-    heads: Tuple[int, ...]
-    offsets: Tuple[int, ...]
+    head_start: int
+    num_heads: int
+    offset: Optional[int]
     span: int
 
 
 @functools.lru_cache(maxsize=256)
 def _spanning(h: int, shard_len: int, world_size: int, segment_lengths: Tuple[int, ...],
               dilation_rates: Tuple[int, ...], mode: str) -> Tuple[_Branch, ...]:
-    """The branches whose segments span more than one shard."""
+    """The branches whose segments span more than one shard, ordered by span (the rows of the
+    branches of one span are gathered together)."""
     n = shard_len * world_size
     branches = {}
     for c in plan(h, segment_lengths, dilation_rates, mode):
         if min(c.seg_len, n) > shard_len:
-            heads = tuple(range(*c.heads.indices(h)))
-            w, r, hs, os = branches.get(c.branch, (c.seg_len, c.rate, (), ()))
-            branches[c.branch] = (w, r, hs + heads, os + (c.offset,) * len(heads))
-    # ordered by span: the rows of the branches of one span are gathered together
-    return tuple(sorted((_Branch(*x, span=min(x[0], n) // shard_len) for x in branches.values()),
-                        key=lambda x: x.span))
+            span = min(c.seg_len, n) // shard_len
+            if mode == "groups":  # one launch per branch: its head group, one offset
+                start, stop, _ = c.heads.indices(h)
+                branches[c.branch] = _Branch(c.seg_len, c.rate, start, stop - start, c.offset, span)
+            else:  # a launch per offset class, together every head
+                branches[c.branch] = _Branch(c.seg_len, c.rate, 0, h, None, span)
+    return tuple(sorted(branches.values(), key=lambda x: x.span))
 
 
 def _branches(shape, world_size: int, segment_lengths, dilation_rates, mode) -> Tuple[_Branch, ...]:
@@ -205,7 +209,7 @@ def _span_runs(branches, b: int, s: int, d: int):
     buffer (:func:`_pack`; the branches are ordered by span)."""
     runs, at = [], 0
     for x in branches:
-        size = 2 * b * len(x.heads) * (s // x.rate) * d
+        size = 2 * b * x.num_heads * (s // x.rate) * d
         if runs and runs[-1][0] == x.span:
             runs[-1][2] += size
         else:
@@ -218,8 +222,8 @@ def _index(branch: _Branch, shard_len: int, device):
     """``(rows, heads)`` index tensors ``(H, s / r)`` and ``(H, 1)``: ``x[:, rows, heads]`` is
     the branch's dilated rows of a shard ``(b, s, h, ...)`` as ``(b, H, s / r, ...)`` (the shard
     starts on a multiple of the rate, so each head's offset is its launch's)."""
-    heads = torch.tensor(branch.heads, device=device)
-    offsets = torch.tensor(branch.offsets, device=device)
+    heads = torch.arange(branch.head_start, branch.head_start + branch.num_heads, device=device)
+    offsets = heads % branch.rate if branch.offset is None else torch.full_like(heads, branch.offset)
     rows = offsets[:, None] + branch.rate * torch.arange(shard_len // branch.rate, device=device)
     return rows, heads[:, None]
 
@@ -227,7 +231,7 @@ def _index(branch: _Branch, shard_len: int, device):
 def spanning_numel(shape, world_size: int, segment_lengths, dilation_rates, mode) -> int:
     """Elements per rank of the gathered K/V rows (the forward's third output, per rank)."""
     b, s, h, d = shape
-    return sum(2 * b * len(x.heads) * (s // x.rate) * d
+    return sum(2 * b * x.num_heads * (s // x.rate) * d
                for x in _branches(shape, world_size, segment_lengths, dilation_rates, mode))
 
 
@@ -235,7 +239,7 @@ def _unpack(flat: torch.Tensor, branches, b: int, s: int, d: int):
     """Per branch, the (k rows, v rows) ``(b, H, s / r, d)`` of one rank's packed buffer."""
     out, at = [], 0
     for x in branches:
-        shape = (b, len(x.heads), s // x.rate, d)
+        shape = (b, x.num_heads, s // x.rate, d)
         size = shape[0] * shape[1] * shape[2] * shape[3]
         out.append((flat[at:at + size].view(shape), flat[at + size:at + 2 * size].view(shape)))
         at += 2 * size
