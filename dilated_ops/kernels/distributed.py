@@ -260,6 +260,12 @@ def _pack(k: torch.Tensor, v: torch.Tensor, index) -> torch.Tensor:
     return torch.cat([t[:, rows, heads].reshape(-1) for rows, heads in index for t in (k, v)])
 
 
+def _peer_rows(parts, peers, i: int):
+    """Branch ``i``'s K and V rows of the ranks ``peers`` (in rank order) from the unpacked
+    per-rank buffers ``parts``: ``(b, H, len(peers) * s / r, d)`` each."""
+    return tuple(torch.cat([parts[p][i][j] for p in peers], 2) for j in (0, 1))
+
+
 def _merge_rows(out, lse, q, rows, heads, kp, vp, g: int, scale: float) -> None:
     """Attention of the rows ``q[:, rows, heads]`` over other ranks' K/V rows ``kp``, ``vp``
     ``(b, H, L, d)``, merged into ``out`` and ``lse`` at those rows by log-sum-exp (SPEC section
@@ -311,8 +317,7 @@ def longnet_forward(
         peers = _peers(x, rank, s, world_size, is_causal)
         if not peers:
             continue
-        kp = torch.cat([parts[p][i][0] for p in peers], 2)
-        vp = torch.cat([parts[p][i][1] for p in peers], 2)
+        kp, vp = _peer_rows(parts, peers, i)
         _merge_rows(out, lse, q, rows, heads, kp, vp, g, scale)
     return out, lse, gathered
 
@@ -339,8 +344,7 @@ def longnet_backward(
         peers = _peers(x, rank, s, world_size, is_causal)
         if not peers:
             continue
-        kp = torch.cat([parts[p][i][0] for p in peers], 2)
-        vp = torch.cat([parts[p][i][1] for p in peers], 2)
+        kp, vp = _peer_rows(parts, peers, i)
         gk, gv = _rows_backward(grad_out, q, out, lse, dq, rows, heads, kp, vp, g, scale)
         n_rows = s // x.rate
         for j, p in enumerate(peers):
