@@ -210,6 +210,27 @@ def _sharded_equals_whole(module, ref, x, g):
     return got, want
 
 
+def _bytes_sent(wrapped, call):
+    """``(forward, backward)`` bytes counted while ``call()`` runs and its output's backward:
+    each ``(owner, name, count)`` of ``wrapped`` has ``owner.name`` replaced by a function that
+    adds ``count(*args)`` and calls the real one."""
+    sent, real = [], [getattr(owner, name) for owner, name, _ in wrapped]
+
+    def counting(fn, count):
+        return lambda *args, **kwargs: sent.append(count(*args)) or fn(*args, **kwargs)
+
+    for (owner, name, count), fn in zip(wrapped, real):
+        setattr(owner, name, counting(fn, count))
+    try:
+        out = call()
+        forward = sum(sent)
+        out.backward(torch.randn_like(out))
+    finally:
+        for (owner, name, _), fn in zip(wrapped, real):
+            setattr(owner, name, fn)
+    return forward, sum(sent) - forward
+
+
 def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
     import copy
 
@@ -268,67 +289,27 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         torch.testing.assert_close(sharded(xs, xs, xs, need_weights=False)[0], dilated_ops.shard_sequence(want),
                                    **close)
 
-        # The bytes each rank sends, as counted in the all-to-alls, are what the bench reports.
-        from dilated_ops.kernels.distributed import ulysses_bytes
-
-        sent, real = [], dist.all_to_all_single
-
-        def counting(output, input, *args, **kwargs):
-            sent.append(input.numel() * input.element_size() * (world_size - 1) // world_size)
-            return real(output, input, *args, **kwargs)
-
-        leaves = [s.clone().requires_grad_() for s in shards]
-        dist.all_to_all_single = counting
-        try:
-            out = dilated_ops.sequence_parallel_attention(*leaves, [8, 32], [1, 4], strategy="ulysses", mode="longnet")
-            forward = sum(sent)
-            out.backward(torch.randn_like(out))
-        finally:
-            dist.all_to_all_single = real
-        assert (forward, sum(sent) - forward) == ulysses_bytes(leaves[0].shape, 8, 8, world_size)
-
-        # LongNet: the all-gather and the reduce-scatter, counted as a ring moves them (segment 48
-        # spans both shards of 24: its dilated rows travel)
+        # The bytes each rank sends, counted in each strategy's collectives (as a ring algorithm
+        # moves them), are what the bench reports (segment 48 spans both shards of 24).
         from dilated_ops.kernels import distributed as kernels
 
-        sent.clear()
-        real_gather, real_scatter = kernels._ALL_GATHER, kernels._REDUCE_SCATTER
-
-        def gather(output, input, *args, **kwargs):
-            sent.append((world_size - 1) * input.numel() * input.element_size())
-            return real_gather(output, input, *args, **kwargs)
-
-        def scatter(output, input, *args, **kwargs):
-            sent.append((world_size - 1) * output.numel() * output.element_size())
-            return real_scatter(output, input, *args, **kwargs)
-
-        kernels._ALL_GATHER, kernels._REDUCE_SCATTER = gather, scatter
-        try:
-            out = dilated_ops.sequence_parallel_attention(*leaves, [8, 48], [1, 4], strategy="longnet", mode="longnet")
-            forward = sum(sent)
-            out.backward(torch.randn_like(out))
-        finally:
-            kernels._ALL_GATHER, kernels._REDUCE_SCATTER = real_gather, real_scatter
-        want = kernels.longnet_bytes(leaves[0].shape, 8, 8, world_size, [8, 48], [1, 4], "longnet")
-        assert forward > 0 and (forward, sum(sent) - forward) == want, (forward, sum(sent), want)
-
-        # ring: what each point-to-point pass sends
-        sent.clear()
-        real_pass = kernels._pass
-
-        def counting_pass(tensors, *args, **kwargs):
-            sent.append(sum(t.numel() * t.element_size() for t in tensors))
-            return real_pass(tensors, *args, **kwargs)
-
-        kernels._pass = counting_pass
-        try:
-            out = dilated_ops.sequence_parallel_attention(*leaves, [8, 48], [1, 4], strategy="ring", mode="longnet")
-            forward = sum(sent)
-            out.backward(torch.randn_like(out))
-        finally:
-            kernels._pass = real_pass
-        want = kernels.ring_bytes(leaves[0].shape, 8, 8, world_size, [8, 48], [1, 4], "longnet")
-        assert forward > 0 and (forward, sum(sent) - forward) == want, (forward, sum(sent), want)
+        p = world_size
+        counters = {
+            "ulysses": [(dist, "all_to_all_single", lambda out, inp: inp.numel() * inp.element_size() * (p - 1) // p)],
+            "longnet": [(kernels, "_ALL_GATHER", lambda out, inp: (p - 1) * inp.numel() * inp.element_size()),
+                        (kernels, "_REDUCE_SCATTER", lambda out, inp: (p - 1) * out.numel() * out.element_size())],
+            "ring": [(kernels, "_pass", lambda tensors, *_: sum(t.numel() * t.element_size() for t in tensors))],
+        }
+        formulas = {
+            "ulysses": lambda shape: kernels.ulysses_bytes(shape, 8, 8, p),
+            "longnet": lambda shape: kernels.longnet_bytes(shape, 8, 8, p, [8, 48], [1, 4], "longnet"),
+            "ring": lambda shape: kernels.ring_bytes(shape, 8, 8, p, [8, 48], [1, 4], "longnet"),
+        }
+        for strategy, wrapped in counters.items():
+            leaves = [t.clone().requires_grad_() for t in shards]
+            forward, backward = _bytes_sent(wrapped, lambda: dilated_ops.sequence_parallel_attention(
+                *leaves, [8, 48], [1, 4], strategy=strategy, mode="longnet"))
+            assert forward > 0 and (forward, backward) == formulas[strategy](leaves[0].shape), strategy
 
         # Shards of different lengths: the same clear error on every rank, no hang.
         q = torch.randn(1, 8 + 4 * rank, 4, 8, dtype=torch.float64)
