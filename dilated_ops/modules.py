@@ -21,7 +21,7 @@ from . import _env, variants
 from .attention_block import attention_block
 from .config import DilatedAttentionConfig, MultiheadConfig, SparsePatternConfig, check_heads_cover_groups
 from .functional import block_sparse_attention, dilated_attention
-from .sequence_parallel import check_strategy, sequence_parallel_attention
+from .sequence_parallel import check_layout, check_strategy, sequence_parallel_attention
 
 _DIRECT = "constructed directly"
 
@@ -165,22 +165,27 @@ class RingDilatedAttention(ImprovedDilatedAttention):
     passes its contiguous shard ``(batch, seq / P, heads, head_dim)`` and gets its slice of the
     output: :func:`dilated_ops.sequence_parallel_attention` with ``strategy="ring"`` (each shard
     on the single-device op; the dilated K/V rows of segments that span shards travel the ring).
-    Same arguments as :class:`DilatedAttention`, plus the keyword ``process_group`` (None: the
-    default group, looked up at each call).
+    Same arguments as :class:`DilatedAttention`, plus the keywords ``process_group`` (None: the
+    default group, looked up at each call) and ``layout``: ``"contiguous"`` (default) or
+    ``"zigzag"`` (each rank passes chunks ``p`` and ``2P - 1 - p`` of ``2P``, as
+    :func:`dilated_ops.shard_sequence` cuts them with ``layout="zigzag"``: with causal attention
+    every rank then does the same work).
 
     Raises:
-        ValueError: at forward in a process group of world size > 1: dropout in training mode
-            (the ring op has none), or as :func:`dilated_ops.sequence_parallel_attention` (segments
-            that do not fit the shards, shards of different shapes).
+        ValueError: an unknown ``layout``; at forward in a process group of world size > 1:
+            dropout in training mode (the ring op has none), or as
+            :func:`dilated_ops.sequence_parallel_attention` (segments that do not fit the shards,
+            shards of different shapes).
     """
 
     implementation = "ring"
 
     def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], dropout: float = 0.0,
-                 use_tf32: bool = True, mode: str = "groups", process_group=None):
+                 use_tf32: bool = True, mode: str = "groups", process_group=None, layout: str = "contiguous"):
         super().__init__(segment_lengths, dilation_rates, dropout, use_tf32, mode)
         _check_group(process_group)
-        self.process_group = process_group
+        check_layout(layout)
+        self.process_group, self.layout = process_group, layout
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
         if _group_size(self.process_group) == 1:
@@ -190,10 +195,10 @@ class RingDilatedAttention(ImprovedDilatedAttention):
                              f"dropout): got {self.dropout!r} in training mode")
         return sequence_parallel_attention(query, key, value, self.segment_lengths, self.dilation_rates,
                                            strategy="ring", mode=self.mode, is_causal=is_causal,
-                                           group=self.process_group)
+                                           group=self.process_group, layout=self.layout)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", in a process group: each rank's shard, strategy 'ring'"
+        return super().extra_repr() + f", in a process group: each rank's shard ({self.layout}), strategy 'ring'"
 
 
 class DistributedDilatedAttention(ImprovedDilatedAttention):
@@ -211,8 +216,8 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
             default group, looked up at each call).
         strategy: ``"auto"`` (default: ``"longnet"`` where the segments fit the shards, else
             ``"ulysses"``), ``"longnet"`` (segments inside a shard need no communication; longer
-            ones all-gather their dilated K/V rows) or ``"ulysses"`` (all-to-all over heads: the
-            group's size must divide the heads); ``"ring"`` is not built yet.
+            ones all-gather their dilated K/V rows), ``"ring"`` (those rows passed rank to rank)
+            or ``"ulysses"`` (all-to-all over heads: the group's size must divide the heads).
 
     ``forward(query, key, value, is_causal=False)``: ``(batch, seq / P, heads, head_dim)`` in and
     out, this rank's shard (:func:`dilated_ops.shard_sequence` cuts one).
@@ -221,7 +226,6 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
         ValueError: ``dropout`` > 0, an unknown ``strategy``; at forward, as
             :func:`dilated_ops.sequence_parallel_attention` (a strategy the geometry does not
             allow, shards of different shapes).
-        NotImplementedError: a strategy not built yet.
     """
 
     implementation = "distributed"
@@ -449,7 +453,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     same op as "improved"; in a process group of world size > 1 each rank passes its shard
     ``(batch, seq / P, embed_dim)`` (the projections work per token) and the attention runs as a
     ring. Same arguments and shapes as :class:`MultiheadDilatedAttention` (``(output, None)``
-    out), plus the keyword ``process_group``."""
+    out), plus the keywords ``process_group`` and ``layout`` of :class:`RingDilatedAttention`."""
 
     implementation = "ring"
     attention_class = RingDilatedAttention

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .kernels.distributed import longnet_geometry_error
+from .kernels.distributed import LAYOUTS, chunks, longnet_geometry_error, pieces
 from .registrations import longnet_attention as _longnet
 from .registrations import ring_attention as _ring
 from .registrations import ulysses_attention as _ulysses
@@ -45,49 +45,83 @@ def _group_and_size(group):
     return (group if group is not None else dist.group.WORLD), name, world_size
 
 
-def shard_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1) -> Tensor:
-    """This rank's contiguous shard of ``x`` along ``dim`` (the sequence dim of ``(batch, seq,
-    ...)``): positions ``[p * n / P, (p + 1) * n / P)`` for rank ``p`` of the ``P`` ranks of
-    ``group`` (default: the world). A view of ``x``.
+def check_layout(layout) -> None:
+    """ValueError for an unknown layout."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}: got {layout!r}")
+
+
+def _chunk(x: Tensor, dim: int, chunk: int, size: int) -> Tensor:
+    return x.narrow(dim, chunk * size, size)
+
+
+def _mine(x: Tensor, dim: int, rank: int, world_size: int, layout: str) -> Tensor:
+    """This rank's chunks (:func:`~dilated_ops.kernels.distributed.pieces`) of the whole ``x``."""
+    mine = pieces(rank, world_size, layout)
+    size = x.shape[dim] // chunks(world_size, layout)
+    parts = [_chunk(x, dim, c, size) for c in mine]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def shard_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1,
+                   layout: str = "contiguous") -> Tensor:
+    """This rank's shard of ``x`` along ``dim`` (the sequence dim of ``(batch, seq, ...)``), for
+    rank ``p`` of the ``P`` ranks of ``group`` (default: the world)::
+
+        layout="contiguous"  positions [p * n / P, (p + 1) * n / P): a view of x
+        layout="zigzag"      chunks p and 2P - 1 - p of 2P (head and tail), concatenated: with
+                             is_causal every rank attends as many keys (strategy "ring" only)
+
+        n = 8, P = 2:   contiguous   rank 0: 0 1 2 3   rank 1: 4 5 6 7
+                        zigzag       rank 0: 0 1 6 7   rank 1: 2 3 4 5
 
     Raises:
-        ValueError: no initialized process group, or ``x.shape[dim]`` not divisible by ``P``
-            (the strategies need equal shards).
+        ValueError: no initialized process group, an unknown layout, or ``x.shape[dim]`` not
+            divisible by ``P`` (``2P`` zigzag: the strategies need equal shards).
     """
+    check_layout(layout)
     group, _, world_size = _group_and_size(group)
-    n = x.shape[dim]
-    if n % world_size:
-        raise ValueError(f"shard_sequence: the sequence length ({n}, dim {dim}) must be divisible by the process "
-                         f"group's size ({world_size}); pad the sequence to a multiple of {world_size}")
-    s = n // world_size
-    return x.narrow(dim, dist.get_rank(group) * s, s)
+    n, pieces_n = x.shape[dim], chunks(world_size, layout)
+    if n % pieces_n:
+        raise ValueError(f"shard_sequence: the sequence length ({n}, dim {dim}) must be divisible by {pieces_n} "
+                         f"(layout {layout!r} on a process group of size {world_size}); pad the sequence to a "
+                         f"multiple of {pieces_n}")
+    return _mine(x, dim, dist.get_rank(group), world_size, layout)
 
 
 class _Unshard(torch.autograd.Function):
-    """All-gather along ``dim``; the gradient of each rank's shard sums every rank's gradient of
-    the whole (an all-reduce, then this rank's slice: collectives every backend has)."""
+    """All-gather along ``dim``, chunks put in sequence order; the gradient of each rank's shard
+    sums every rank's gradient of the whole (an all-reduce, then this rank's chunks: collectives
+    every backend has)."""
 
     @staticmethod
-    def forward(ctx, x, group, dim: int):
-        ctx.group, ctx.dim = group, dim
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    def forward(ctx, x, group, dim: int, layout: str):
+        ctx.group, ctx.dim, ctx.layout = group, dim, layout
+        world_size = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(world_size)]
         dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim)
+        m = len(pieces(0, world_size, layout))
+        size = x.shape[dim] // m
+        by_chunk = {c: _chunk(parts[p], dim, j, size) for p in range(world_size)
+                    for j, c in enumerate(pieces(p, world_size, layout))}
+        return torch.cat([by_chunk[c] for c in range(len(by_chunk))], dim)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
-        s = grad.shape[ctx.dim] // dist.get_world_size(ctx.group)
-        return grad.narrow(ctx.dim, dist.get_rank(ctx.group) * s, s), None, None
+        world_size = dist.get_world_size(ctx.group)
+        return _mine(grad, ctx.dim, dist.get_rank(ctx.group), world_size, ctx.layout), None, None, None
 
 
-def unshard_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1) -> Tensor:
-    """The shards ``x`` of every rank of ``group``, concatenated along ``dim`` in rank order
-    (the inverse of :func:`shard_sequence`). Differentiable: each rank's shard gets the sum of
-    every rank's gradient of the whole."""
+def unshard_sequence(x: Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = 1,
+                     layout: str = "contiguous") -> Tensor:
+    """The shards ``x`` of every rank of ``group`` put back together along ``dim`` in sequence
+    order (the inverse of :func:`shard_sequence` with the same ``layout``). Differentiable: each
+    rank's shard gets the sum of every rank's gradient of the whole."""
+    check_layout(layout)
     group, _, _ = _group_and_size(group)
-    return _Unshard.apply(x.contiguous(), group, dim)
+    return _Unshard.apply(x.contiguous(), group, dim, layout)
 
 
 def _agree(q: Tensor, group, world_size: int, error: Optional[Exception]) -> None:
@@ -119,10 +153,16 @@ def _agree(q: Tensor, group, world_size: int, error: Optional[Exception]) -> Non
 
 
 def choose_strategy(strategy: str, q: Tensor, world_size: int, segment_lengths: Sequence[int],
-                    dilation_rates: Sequence[int]) -> str:
-    """The strategy ``"auto"`` stands for: ``"longnet"`` where the segments fit the shards (it
-    moves only the dilated rows of segments that span shards), else ``"ulysses"``."""
+                    dilation_rates: Sequence[int], layout: str = "contiguous") -> str:
+    """The strategy ``"auto"`` stands for: ``"ring"`` for the zigzag layout (the one strategy
+    that takes it), else ``"longnet"`` where the segments fit the shards (it moves only the
+    dilated rows of segments that span shards), else ``"ulysses"``."""
     check_strategy(strategy)
+    check_layout(layout)
+    if layout != "contiguous":
+        if strategy not in ("auto", "ring"):
+            raise ValueError(f"layout {layout!r} is taken by strategy 'ring' only: got strategy {strategy!r}")
+        return "ring"
     if strategy != "auto":
         return strategy
     if longnet_geometry_error(q.shape[1], world_size, segment_lengths, dilation_rates) is None:
@@ -143,6 +183,7 @@ def sequence_parallel_attention(
     scale: Optional[float] = None,
     group: Optional[dist.ProcessGroup] = None,
     check_shards: bool = True,
+    layout: str = "contiguous",
 ) -> Tensor:
     """Dilated attention (as :func:`dilated_ops.dilated_attention`) of a sequence sharded over
     the ranks of ``group``. With 2 ranks, 8 tokens, one branch ``w = 8, r = 2``::
@@ -164,6 +205,10 @@ def sequence_parallel_attention(
             passed rank to rank instead of all-gathered: two ranks' rows held at a time) or
             ``"ulysses"``.
         group: the process group (default: the world).
+        layout: how the sequence is sharded (:func:`shard_sequence`): ``"contiguous"``, or
+            ``"zigzag"`` (rank ``p`` holds chunks ``p`` and ``2P - 1 - p`` of ``2P``: with
+            ``is_causal`` the ring's work is even across ranks; strategy ``"ring"`` only, which
+            ``"auto"`` then picks). Input and output are in that layout.
         check_shards: first agree across ranks that every rank's arguments are valid and its
             shard has the same shape, so that every rank raises (one small all-gather and a host
             sync; eager calls only, skipped while ``torch.compile`` traces). Without it a rank
@@ -183,10 +228,11 @@ def sequence_parallel_attention(
     # Checked before the op (whose schema would convert some values first) and before the op's
     # collectives; with check_shards every rank learns of a rank's bad input and raises.
     try:
-        strategy = choose_strategy(strategy, q, world_size, segment_lengths, dilation_rates)
+        strategy = choose_strategy(strategy, q, world_size, segment_lengths, dilation_rates, layout)
         registration = _REGISTRATIONS[strategy]
+        extra = (layout,) if strategy == "ring" else ()
         segment_lengths, dilation_rates, scale = registration.check_arguments(
-            q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+            q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size, *extra)
     except (TypeError, ValueError, NotImplementedError) as error:
         if not agree:
             raise
@@ -194,4 +240,4 @@ def sequence_parallel_attention(
     if agree:
         _agree(q, group, world_size, None)
     op = getattr(torch.ops.dilated, f"{strategy}_attention")
-    return op(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size)[0]
+    return op(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size, *extra)[0]

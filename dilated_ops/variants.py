@@ -136,7 +136,7 @@ VARIANTS: Dict[str, Variant] = {
                            "in a process group: the ring strategy of `distributed` (segments spanning shards "
                            "pass their dilated K/V rows rank to rank), no dropout there; the table's op is the "
                            "one-process one"),
-            options=("process_group",), process_group=True),
+            options=("process_group", "layout"), process_group=True),
         Variant(
             "distributed", "sequence-parallel attention over the ranks of a process group (SPEC section 5): "
             "each rank passes its contiguous shard",

@@ -180,15 +180,22 @@ def check_sequence_parallel(c, rank: int, world_size: int) -> bool:
     kw = dict(mode=c["mode"], is_causal=c["causal"], scale=c["scale"])
     out = dilated_ops.dilated_attention(*full, c["segs"], c["rates"], **kw)
     grads = torch.autograd.grad(out, full, g)
-    mine = slice(rank * c["n"] // world_size, (rank + 1) * c["n"] // world_size)
-    shards = [t.detach()[:, mine].clone().requires_grad_() for t in full]
-    got = sequence_parallel_attention(*shards, c["segs"], c["rates"], strategy=c["strategy"], **kw)
-    got_grads = torch.autograd.grad(got, shards, g[:, mine])
-    return close(got, out[:, mine]) and all(close(x, w[:, mine]) for x, w in zip(got_grads, grads))
+    layout = c.get("layout", "contiguous")
+
+    def mine(t):
+        return dilated_ops.shard_sequence(t.detach(), layout=layout)
+
+    shards = [mine(t).clone().requires_grad_() for t in full]
+    got = sequence_parallel_attention(*shards, c["segs"], c["rates"], strategy=c["strategy"], layout=layout, **kw)
+    got_grads = torch.autograd.grad(got, shards, mine(g))
+    return close(got, mine(out)) and all(close(x, mine(w)) for x, w in zip(got_grads, grads))
 
 
 CASES = {"ulysses": ulysses_case, "longnet": longnet_case,
-         "ring": lambda seed, i, world_size: dict(longnet_case(seed, i, world_size), strategy="ring")}
+         "ring": lambda seed, i, world_size: dict(longnet_case(seed, i, world_size), strategy="ring"),
+         # zigzag: LongNet's geometry on the 2P chunks
+         "ring-zigzag": lambda seed, i, world_size: dict(longnet_case(seed, i, 2 * world_size), strategy="ring",
+                                                         layout="zigzag")}
 
 
 def _sequence_parallel_worker(rank: int, world_size: int, init_file: str, strategy: str, cases,
@@ -248,7 +255,7 @@ def test_fuzz_head_window(capsys):
     run(capsys, "dilated_attention head window", window_case, check_window, 1000)
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "longnet", "ring"])
+@pytest.mark.parametrize("strategy", ["ulysses", "longnet", "ring", "ring-zigzag"])
 @pytest.mark.parametrize("world_size,count", [(2, 100), (4, 40)])
 def test_fuzz_sequence_parallel(capsys, strategy, world_size, count):
     run_sequence_parallel(capsys, strategy, world_size, count)

@@ -158,7 +158,8 @@ def test_dilated_attention_mask_error_and_op_errors_reach_the_user():
 
 def test_ring_repr_says_what_it_runs_in_a_process_group():
     text = repr(dilated_ops.RingMultiheadDilatedAttention(32, 4, [1, 2], [8, 16]))
-    assert "implementation='ring'" in text and "in a process group: each rank's shard, strategy 'ring'" in text
+    assert "implementation='ring'" in text
+    assert "in a process group: each rank's shard (contiguous), strategy 'ring'" in text
 
 
 def test_key_and_value_default_to_query():

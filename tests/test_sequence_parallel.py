@@ -21,30 +21,32 @@ CASES = [
 ]
 
 
-def _fits(strategy: str, n: int, h: int, segs, rates, world_size: int) -> bool:
+def _fits(strategy: str, n: int, h: int, segs, rates, world_size: int, layout: str = "contiguous") -> bool:
     from dilated_ops.kernels.distributed import longnet_geometry_error
 
     if strategy == "ulysses":
         return h % world_size == 0
-    return longnet_geometry_error(n // world_size, world_size, segs, rates) is None
+    chunks = world_size * (2 if layout == "zigzag" else 1)
+    return n % chunks == 0 and longnet_geometry_error(n // chunks, chunks, segs, rates) is None
 
 
 def _equality_worker(rank: int, world_size: int, init_file: str, strategy: str) -> None:
     import dilated_ops
-    from dilated_ops.sequence_parallel import sequence_parallel_attention
+    from dilated_ops.sequence_parallel import sequence_parallel_attention, shard_sequence, unshard_sequence
 
+    strategy, _, layout = strategy.partition("-")  # "ring-zigzag": the ring on zigzag shards
+    layout = layout or "contiguous"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         ran = 0
         for n, h, segs, rates in CASES:
             s = n // world_size
-            mine = slice(rank * s, (rank + 1) * s)
-            if not _fits(strategy, n, h, segs, rates, world_size):
+            if not _fits(strategy, n, h, segs, rates, world_size, layout):
                 # refused with a clear error on every rank, before any collective
                 q = torch.randn(1, s, h, 8, dtype=torch.float64)
                 with pytest.raises(ValueError, match="must divide num_heads" if strategy == "ulysses" else
                                    "the longnet and ring strategies need each segment length to divide the shard"):
-                    sequence_parallel_attention(q, q, q, segs, rates, strategy=strategy)
+                    sequence_parallel_attention(q, q, q, segs, rates, strategy=strategy, layout=layout)
                 continue
             ran += 1
             for mode in ("groups", "longnet"):
@@ -54,26 +56,52 @@ def _equality_worker(rank: int, world_size: int, init_file: str, strategy: str) 
                     g = torch.randn(2, n, h, 8, dtype=torch.float64)
                     out = dilated_ops.dilated_attention(*full, segs, rates, mode=mode, is_causal=is_causal)
                     grads = torch.autograd.grad(out, full, g)
-                    shards = [t.detach()[:, mine].clone().requires_grad_() for t in full]
+
+                    def mine(t):
+                        return shard_sequence(t.detach(), layout=layout)
+
+                    shards = [mine(t).clone().requires_grad_() for t in full]
                     got = sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
-                                                      is_causal=is_causal)
-                    got_grads = torch.autograd.grad(got, shards, g[:, mine])
-                    where = (f"{strategy}, rank {rank}/{world_size}, n={n}, h={h}, {segs}, {rates}, {mode}, "
-                             f"causal={is_causal}")
-                    torch.testing.assert_close(got, out[:, mine], rtol=1e-10, atol=1e-10, msg=where)
+                                                      is_causal=is_causal, layout=layout)
+                    got_grads = torch.autograd.grad(got, shards, mine(g))
+                    where = (f"{strategy} {layout}, rank {rank}/{world_size}, n={n}, h={h}, {segs}, {rates}, "
+                             f"{mode}, causal={is_causal}")
+                    torch.testing.assert_close(got, mine(out), rtol=1e-10, atol=1e-10, msg=where)
                     for x, want in zip(got_grads, grads):
-                        torch.testing.assert_close(x, want[:, mine], rtol=1e-10, atol=1e-10, msg=where)
-        assert ran >= 2, f"{strategy} on {world_size} ranks ran {ran} of the cases"
+                        torch.testing.assert_close(x, mine(want), rtol=1e-10, atol=1e-10, msg=where)
+                    torch.testing.assert_close(unshard_sequence(got, layout=layout), out, rtol=1e-10, atol=1e-10,
+                                               msg=where)
+        assert ran >= 2, f"{strategy} {layout} on {world_size} ranks ran {ran} of the cases"
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "longnet", "ring"])
+@pytest.mark.parametrize("strategy", ["ulysses", "longnet", "ring", "ring-zigzag"])
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_each_strategy_equals_the_single_process_op(world_size, strategy):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_equality_worker, args=(world_size, os.path.join(tmp, "init"), strategy), nprocs=world_size,
                  join=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_zigzag_shards_even_out_the_causal_ring(world_size):
+    """Causal, one segment over the whole sequence: the other chunks whose rows a rank's queries
+    read as they pass. Contiguous shards: rank p reads p (the last rank does all the work while
+    the first idles); zigzag: every rank reads 2P - 1."""
+    from dilated_ops.kernels.distributed import _ring_setup, chunks
+
+    q = torch.empty(1, 16, 2, 4)
+
+    def reads(layout):
+        every, out = range(chunks(world_size, layout)), []
+        for rank in range(world_size):
+            ring = _ring_setup(q, world_size, rank, [16 * world_size], [1], "groups", layout)
+            out.append(sum(len(ring.peers(0, c, True, every)) for c in ring.mine))
+        return out
+
+    assert reads("contiguous") == list(range(world_size))
+    assert reads("zigzag") == [2 * world_size - 1] * world_size
 
 
 def _failing_worker(rank: int, world_size: int, init_file: str, check_shards: bool, out_dir: str) -> None:
@@ -132,10 +160,13 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
     from dilated_ops.sequence_parallel import sequence_parallel_attention
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    # shards of 12: segments of 4 and 12 inside them, 24 spanning both (longnet gathers its rows)
-    segs, rates = [4, 12, 24], [1, 2, 4]
+    # shards of 12: segments of 2 and 6 inside them, 24 spanning both (longnet gathers its rows);
+    # zigzag: chunks of 6, 24 spanning all 4
+    segs, rates = [2, 6, 24], [1, 2, 3]
     try:
-        for strategy in ("ulysses", "longnet", "ring"):
+        for name in ("ulysses", "longnet", "ring", "ring-zigzag"):
+            strategy, _, layout = name.partition("-")
+            extra = (layout,) if layout else ()
             op = getattr(torch.ops.dilated, f"{strategy}_attention")
             torch.manual_seed(rank)
             eager_in = [torch.randn(2, 12, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
@@ -144,7 +175,7 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
 
             def fn(q, k, v):
                 return sequence_parallel_attention(q, k, v, segs, rates, strategy=strategy, mode="longnet",
-                                                   is_causal=True)
+                                                   is_causal=True, layout=layout or "contiguous")
 
             want = fn(*eager_in)
             want_grads = torch.autograd.grad(want, eager_in, g)
@@ -164,17 +195,17 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
             calls = [n.target for n in ep.graph.nodes
                      if n.op == "call_function" and n.target is not operator.getitem]
             assert calls == [op.default], calls
-            path = os.path.join(os.path.dirname(init_file), f"{strategy}{rank}.pt2")
+            path = os.path.join(os.path.dirname(init_file), f"{name}{rank}.pt2")
             torch.export.save(ep, path)
             torch.testing.assert_close(torch.export.load(path).module()(*(t.detach() for t in eager_in)),
                                        want.detach(), rtol=0, atol=0)
             # a world_size that is not the group's: a clear error on every rank, before any collective
             with pytest.raises(ValueError, match=r"world_size \(4\) must be the size of process group|"
                                                  r"the longnet and ring strategies need"):
-                op(*eager_in, segs, rates, "longnet", True, None, dist.group.WORLD.group_name, 4)
+                op(*eager_in, segs, rates, "longnet", True, None, dist.group.WORLD.group_name, 4, *extra)
             # every rank runs opcheck's calls in the same order, so their collectives pair up
             torch.library.opcheck(op.default, (*compiled_in, segs, rates, "longnet", True, None,
-                                               dist.group.WORLD.group_name, world_size))
+                                               dist.group.WORLD.group_name, world_size, *extra))
     finally:
         dist.destroy_process_group()
 
@@ -187,22 +218,25 @@ def test_every_strategy_compiles_exports_and_passes_opcheck():
         mp.spawn(_compile_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
 
 
-def _sharded_equals_whole(module, ref, x, g):
+def _sharded_equals_whole(module, ref, x, g, layout="contiguous"):
     """``module`` on this rank's shard of ``x`` against ``ref`` (given ``module``'s parameters)
     on the whole: the output shard, the input gradient's shard and the parameter gradients
     all-reduced over the ranks (float64, 1e-10). Returns ``(shard output, whole output)``."""
     import dilated_ops
+
+    def shard(t):
+        return dilated_ops.shard_sequence(t, layout=layout)
 
     close = dict(rtol=1e-10, atol=1e-10)
     ref.load_state_dict(module.state_dict())
     xr = x.clone().requires_grad_()
     want, _ = ref(xr, xr, xr, is_causal=True)
     want.backward(g)
-    xs = dilated_ops.shard_sequence(x).clone().requires_grad_()
+    xs = shard(x).clone().requires_grad_()
     got, _ = module(xs, xs, xs, is_causal=True)
-    got.backward(dilated_ops.shard_sequence(g))
-    torch.testing.assert_close(got, dilated_ops.shard_sequence(want.detach()), **close)
-    torch.testing.assert_close(xs.grad, dilated_ops.shard_sequence(xr.grad), **close)
+    got.backward(shard(g))
+    torch.testing.assert_close(got, shard(want.detach()), **close)
+    torch.testing.assert_close(xs.grad, shard(xr.grad), **close)
     for (name, p), q in zip(module.named_parameters(), ref.parameters()):
         total = p.grad.clone()
         dist.all_reduce(total)
@@ -262,6 +296,24 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         ring = dilated_ops.create_multihead_dilated_attention("ring", **kw_ring)
         assert type(ring) is dilated_ops.RingMultiheadDilatedAttention
         _sharded_equals_whole(ring, dilated_ops.create_multihead_dilated_attention("improved", **kw_ring), x, g)
+        # ... and on zigzag shards (chunks 16 of 4: rank 0 holds positions 0-15 and 48-63)
+        zigzag = dilated_ops.create_multihead_dilated_attention("ring", layout="zigzag", **kw_ring)
+        assert zigzag.attention.layout == "zigzag"
+        got, want = _sharded_equals_whole(zigzag, dilated_ops.create_multihead_dilated_attention("improved", **kw_ring),
+                                          x, g, layout="zigzag")
+        torch.testing.assert_close(dilated_ops.unshard_sequence(got.detach(), layout="zigzag"), want.detach(), **close)
+        torch.testing.assert_close(dilated_ops.shard_sequence(x, layout="zigzag"),
+                                   torch.cat([x[:, 16 * rank:16 * rank + 16], x[:, 48 - 16 * rank:64 - 16 * rank]], 1),
+                                   rtol=0, atol=0)
+        mine = dilated_ops.shard_sequence(x, layout="zigzag").clone().requires_grad_()
+        (dilated_ops.unshard_sequence(mine, layout="zigzag") * g).sum().backward()
+        torch.testing.assert_close(mine.grad, world_size * dilated_ops.shard_sequence(g, layout="zigzag"), **close)
+        with pytest.raises(ValueError, match="layout 'zigzag' is taken by strategy 'ring' only: got strategy "
+                                             "'longnet'"):
+            dilated_ops.sequence_parallel_attention(mine, mine, mine, [8, 64], [1, 4], strategy="longnet",
+                                                    layout="zigzag")
+        with pytest.raises(ValueError, match="layout must be one of 'contiguous', 'zigzag': got 'striped'"):
+            dilated_ops.create_dilated_attention("ring", segment_lengths=[8], dilation_rates=[1], layout="striped")
 
         # The single-head module of the factory's "distributed", on a process group given.
         a = dilated_ops.create_dilated_attention("distributed", segment_lengths=[8, 32], dilation_rates=[1, 4],
@@ -290,7 +342,7 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
                                    **close)
 
         # The bytes each rank sends, counted in each strategy's collectives (as a ring algorithm
-        # moves them), are what the bench reports (segment 48 spans both shards of 24).
+        # moves them), are what the bench reports (segment 48 spans both shards of 24, all 4 zigzag chunks of 12).
         from dilated_ops.kernels import distributed as kernels
 
         p = world_size
@@ -302,22 +354,28 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         }
         formulas = {
             "ulysses": lambda shape: kernels.ulysses_bytes(shape, 8, 8, p),
-            "longnet": lambda shape: kernels.longnet_bytes(shape, 8, 8, p, [8, 48], [1, 4], "longnet"),
-            "ring": lambda shape: kernels.ring_bytes(shape, 8, 8, p, [8, 48], [1, 4], "longnet"),
+            "longnet": lambda shape: kernels.longnet_bytes(shape, 8, 8, p, [4, 48], [1, 4], "longnet"),
+            "ring": lambda shape: kernels.ring_bytes(shape, 8, 8, p, [4, 48], [1, 4], "longnet"),
+            "ring-zigzag": lambda shape: kernels.ring_bytes(shape, 8, 8, p, [4, 48], [1, 4], "longnet", "zigzag"),
         }
+        counters["ring-zigzag"] = counters["ring"]
         for strategy, wrapped in counters.items():
             leaves = [t.clone().requires_grad_() for t in shards]
+            name, _, layout = strategy.partition("-")
             forward, backward = _bytes_sent(wrapped, lambda: dilated_ops.sequence_parallel_attention(
-                *leaves, [8, 48], [1, 4], strategy=strategy, mode="longnet"))
+                *leaves, [4, 48], [1, 4], strategy=name, mode="longnet", layout=layout or "contiguous"))
             assert forward > 0 and (forward, backward) == formulas[strategy](leaves[0].shape), strategy
 
         # Shards of different lengths: the same clear error on every rank, no hang.
         q = torch.randn(1, 8 + 4 * rank, 4, 8, dtype=torch.float64)
         with pytest.raises(ValueError, match=r"equal shards .*: got rank 0: \(1, 8, 4, 8\), rank 1: \(1, 12, 4, 8\)"):
             dilated_ops.sequence_parallel_attention(q, q, q, [4, 8], [1, 2])
-        with pytest.raises(ValueError, match=r"sequence length \(7, dim 1\) must be divisible by the process "
-                                             r"group's size \(2\)"):
+        with pytest.raises(ValueError, match=r"sequence length \(7, dim 1\) must be divisible by 2 \(layout "
+                                             r"'contiguous' on a process group of size 2\)"):
             dilated_ops.shard_sequence(torch.randn(1, 7, 4))
+        with pytest.raises(ValueError, match=r"sequence length \(6, dim 1\) must be divisible by 4 \(layout "
+                                             r"'zigzag' on a process group of size 2\)"):
+            dilated_ops.shard_sequence(torch.randn(1, 6, 4), layout="zigzag")
     finally:
         dist.destroy_process_group()
 
@@ -370,33 +428,37 @@ def _nccl_worker(rank: int, world_size: int, init_file: str) -> None:
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         n, h, d, segs, rates = 8192, 12, 64, [512, 2048, 8192], [1, 2, 4]
-        s = n // world_size
-        mine = slice(rank * s, (rank + 1) * s)
-        for strategy, mode, is_causal in itertools.product(("ulysses", "longnet", "ring"), ("groups", "longnet"),
-                                                           (False, True)):
+        for name, mode, is_causal in itertools.product(("ulysses", "longnet", "ring", "ring-zigzag"),
+                                                       ("groups", "longnet"), (False, True)):
+            strategy, _, layout = name.partition("-")
+            layout = layout or "contiguous"
             torch.manual_seed(0)  # the same whole inputs on every rank
             full = [torch.randn(2, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                     for _ in range(3)]
             g = torch.randn(2, n, h, d, device="cuda", dtype=torch.bfloat16)
             want = dilated_ops.dilated_attention(*full, segs, rates, mode=mode, is_causal=is_causal)
             want_grads = torch.autograd.grad(want, full, g)
-            shards = [t.detach()[:, mine].clone().requires_grad_() for t in full]
+
+            def mine(t):
+                return dilated_ops.shard_sequence(t.detach(), layout=layout)
+
+            shards = [mine(t).clone().requires_grad_() for t in full]
             got = dilated_ops.sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
-                                                          is_causal=is_causal)
-            got_grads = torch.autograd.grad(got, shards, g[:, mine])
+                                                          is_causal=is_causal, layout=layout)
+            got_grads = torch.autograd.grad(got, shards, mine(g))
             for x, y in zip((got, *got_grads), (want, *want_grads)):
-                y = y[:, mine].float()
+                y = mine(y).float()
                 err = ((x.float() - y).norm() / y.norm()).item()
-                assert err < 1e-2, (rank, world_size, strategy, mode, is_causal, err)
+                assert err < 1e-2, (rank, world_size, name, mode, is_causal, err)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_every_strategy_on_gpus_over_nccl_matches_one_gpu(world_size):
-    """bf16 on 2 and 4 GPUs over NCCL, Ulysses, LongNet and ring: each rank's output slice and q/k/v
-    gradients match the one-GPU op on the whole sequence (relative error < 1e-2), both modes,
-    causal and not."""
+    """bf16 on 2 and 4 GPUs over NCCL, Ulysses, LongNet and ring (contiguous and zigzag shards):
+    each rank's output slice and q/k/v gradients match the one-GPU op on the whole sequence
+    (relative error < 1e-2), both modes, causal and not."""
     if torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} CUDA GPUs (found {torch.cuda.device_count()})")
     with tempfile.TemporaryDirectory() as tmp:

@@ -373,12 +373,30 @@ def longnet_bytes(shard_shape: Sequence[int], element_size: int, accumulate_size
     return numel * element_size, numel * accumulate_size
 
 
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def pieces(rank: int, world_size: int, layout: str) -> Tuple[int, ...]:
+    """The chunks of the sequence this rank's shard holds, in order: ``"contiguous"``: chunk
+    ``rank`` of ``P``; ``"zigzag"``: chunks ``rank`` and ``2P - 1 - rank`` of ``2P`` (head and
+    tail: with ``is_causal`` every rank then has as many earlier keys to attend)."""
+    return (rank,) if layout == "contiguous" else (rank, 2 * world_size - 1 - rank)
+
+
+def chunks(world_size: int, layout: str) -> int:
+    """How many chunks the sequence is cut into: ``P`` (contiguous) or ``2P`` (zigzag)."""
+    return world_size * len(pieces(0, world_size, layout))
+
+
 def ring_bytes(shard_shape: Sequence[int], element_size: int, accumulate_size: int, world_size: int,
-               segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str) -> Tuple[int, int]:
+               segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str,
+               layout: str = "contiguous") -> Tuple[int, int]:
     """``(forward, backward)`` bytes one rank sends in one ring call on shards ``(b, s, h, d)``:
     the spanning segments' K/V rows it holds, ``P - 1`` times forward and again backward, and the
     rows' float32 gradients ``P`` times (the last pass takes them home)."""
-    numel = spanning_numel(shard_shape, world_size, segment_lengths, dilation_rates, mode)
+    b, s, h, d = shard_shape
+    m = len(pieces(0, world_size, layout))
+    numel = m * spanning_numel((b, s // m, h, d), chunks(world_size, layout), segment_lengths, dilation_rates, mode)
     if not numel:
         return 0, 0
     return ((world_size - 1) * numel * element_size,
@@ -402,31 +420,87 @@ def _wait(requests) -> None:
         r.wait()
 
 
+class _Ring(NamedTuple):
+    """A ring call's view of this rank's shard: its chunks (:func:`pieces`) of ``c`` positions
+    each on a virtual ring of ``chunks`` ranks, where the LongNet geometry applies chunk by
+    chunk; the spanning branches of that geometry with their row indices inside a chunk."""
+
+    mine: Tuple[int, ...]
+    c: int
+    chunks: int
+    branches: Tuple[_Branch, ...]
+    index: list
+    g: int
+
+    def views(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """This rank's chunks of a shard-shaped tensor ``(b, s, ...)``, as views."""
+        return [x[:, j * self.c:(j + 1) * self.c] for j in range(len(self.mine))]
+
+    def pack(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_pack(kc, vc, self.index) for kc, vc in zip(self.views(k), self.views(v))])
+
+    def unpack(self, flat: torch.Tensor, owner: int, world_size: int, layout: str, b: int, d: int):
+        """``{chunk: per-branch (k rows, v rows)}`` of a buffer packed by rank ``owner``."""
+        size = flat.numel() // len(self.mine)
+        return {p: _unpack(flat[j * size:(j + 1) * size], self.branches, b, self.c, d)
+                for j, p in enumerate(pieces(owner, world_size, layout))}
+
+    def peers(self, i: int, chunk: int, is_causal: bool, held) -> List[int]:
+        """The chunks among ``held`` whose rows chunk ``chunk``'s queries of branch ``i`` read."""
+        return [p for p in _peers(self.branches[i], chunk, self.c, self.chunks, is_causal) if p in held]
+
+
+def _ring_setup(q: torch.Tensor, world_size: int, rank: int, segment_lengths, dilation_rates, mode,
+                layout: str) -> _Ring:
+    b, s, h, d = q.shape
+    mine = pieces(rank, world_size, layout)
+    c = s // len(mine)
+    branches = _branches((b, c, h, d), chunks(world_size, layout), segment_lengths, dilation_rates, mode)
+    return _Ring(mine, c, chunks(world_size, layout), branches, [_index(x, c, q.device) for x in branches],
+                 len(segment_lengths) if mode == "groups" else 1)
+
+
+def _by_chunk(x: torch.Tensor, m: int) -> torch.Tensor:
+    """A shard ``(b, s, ...)`` of ``m`` chunks as ``(b * m, s / m, ...)``: the chunks as batch
+    entries, for the single-device op (each chunk's own segments)."""
+    return x.reshape(x.shape[0] * m, x.shape[1] // m, *x.shape[2:])
+
+
+def _by_shard(x: torch.Tensor, m: int) -> torch.Tensor:
+    return x.reshape(x.shape[0] // m, x.shape[1] * m, *x.shape[2:])
+
+
 def ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
     mode: str, is_causal: bool, scale: Optional[float], group, world_size: int, rank: int,
+    layout: str = "contiguous",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of this rank's shard by the ring: the single-device op on the shard (as
-    :func:`longnet_forward`), then the packed dilated K/V rows of the spanning segments travel
-    the ring, one rank's per step (the next step's transfer posted before this step's
-    attention), and each rank merges in the rows of its segments' other ranks as they pass.
-    Only two ranks' rows are held at a time."""
+    """``(out, lse)`` of this rank's shard by the ring: the single-device op on each of the
+    shard's chunks (:func:`pieces`), then the packed dilated K/V rows of the spanning segments
+    travel the ring, one rank's per step (the next step's transfer posted before this step's
+    attention), and each chunk merges in the rows of its segments' other chunks as they pass
+    (step 0: the rank's own other chunk, zigzag). Only two ranks' rows are held at a time."""
     b, s, h, d = q.shape
     scale = attention.default_scale(d, scale)
-    out, lse = dilated_attention_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale)
-    branches, index, g = _spanning_setup(q, world_size, segment_lengths, dilation_rates, mode)
-    if not branches:
+    ring = _ring_setup(q, world_size, rank, segment_lengths, dilation_rates, mode, layout)
+    m = len(ring.mine)
+    out, lse = dilated_attention_forward(_by_chunk(q, m), _by_chunk(k, m), _by_chunk(v, m), segment_lengths,
+                                         dilation_rates, mode, is_causal, scale)
+    out, lse = _by_shard(out, m), _by_shard(lse, m)
+    if not ring.branches:
         return out, lse
-    peers = [_peers(x, rank, s, world_size, is_causal) for x in branches]
-    rows_kv = _pack(k, v, index)
+    qs, outs, lses = ring.views(q), ring.views(out), ring.views(lse)
+    rows_kv = ring.pack(k, v)
     for step in range(world_size):
         owner = (rank - step) % world_size  # whose rows rows_kv holds
         transfer = _pass([rows_kv], group, rank, world_size) if step < world_size - 1 else None
-        if step > 0:
-            parts = _unpack(rows_kv, branches, b, s, d)
-            for i, (rows, heads) in enumerate(index):
-                if owner in peers[i]:
-                    _merge_rows(out, lse, q, rows, heads, parts[i][0], parts[i][1], g, scale)
+        parts = ring.unpack(rows_kv, owner, world_size, layout, b, d)
+        for j, chunk in enumerate(ring.mine):
+            for i, (rows, heads) in enumerate(ring.index):
+                peers = ring.peers(i, chunk, is_causal, parts)
+                if peers:
+                    kp, vp = _peer_rows(parts, peers, i)
+                    _merge_rows(outs[j], lses[j], qs[j], rows, heads, kp, vp, ring.g, scale)
         if transfer is not None:
             _wait(transfer[0])
             (rows_kv,) = transfer[1]
@@ -436,40 +510,49 @@ def ring_forward(
 def ring_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str, is_causal: bool,
-    scale: Optional[float], group, world_size: int, rank: int,
+    scale: Optional[float], group, world_size: int, rank: int, layout: str = "contiguous",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of this rank's shard: the single-device backward with the merged ``out``
-    and ``lse``, then the K/V rows travel the ring again with a float32 accumulator of their
-    gradients, which each rank adds its queries' share to; after ``P`` passes the accumulator
-    is home."""
+    """``(dq, dk, dv)`` of this rank's shard: the single-device backward on each chunk with the
+    merged ``out`` and ``lse``, then the K/V rows travel the ring again with a float32
+    accumulator of their gradients, which each rank adds its queries' share to; after ``P``
+    passes the accumulator is home."""
     b, s, h, d = q.shape
     scale = attention.default_scale(d, scale)
-    dq, dk, dv = dilated_attention_backward(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode,
-                                            is_causal, scale)
-    branches, index, g = _spanning_setup(q, world_size, segment_lengths, dilation_rates, mode)
-    if not branches:
+    ring = _ring_setup(q, world_size, rank, segment_lengths, dilation_rates, mode, layout)
+    m = len(ring.mine)
+    grads = dilated_attention_backward(*(_by_chunk(t, m) for t in (grad_out, q, k, v, out, lse)), segment_lengths,
+                                       dilation_rates, mode, is_causal, scale)
+    dq, dk, dv = (_by_shard(t, m) for t in grads)
+    if not ring.branches:
         return dq, dk, dv
-    peers = [_peers(x, rank, s, world_size, is_causal) for x in branches]
-    rows_kv = _pack(k, v, index)
+    qs, outs, lses, gos, dqs = (ring.views(t) for t in (q, out, lse, grad_out, dq))
+    rows_kv = ring.pack(k, v)
     grads = torch.zeros(rows_kv.shape, dtype=lse.dtype, device=q.device)  # of the rows in rows_kv
     for step in range(world_size):
         owner = (rank - step) % world_size
         transfer = _pass([rows_kv], group, rank, world_size) if step < world_size - 1 else None
-        if step > 0:
-            parts, grad_parts = _unpack(rows_kv, branches, b, s, d), _unpack(grads, branches, b, s, d)
-            for i, (rows, heads) in enumerate(index):
-                if owner in peers[i]:
-                    gk, gv = _rows_backward(grad_out, q, out, lse, dq, rows, heads, parts[i][0], parts[i][1], g,
-                                            scale)
-                    grad_parts[i][0].add_(gk)
-                    grad_parts[i][1].add_(gv)
+        parts = ring.unpack(rows_kv, owner, world_size, layout, b, d)
+        grad_parts = ring.unpack(grads, owner, world_size, layout, b, d)
+        for j, chunk in enumerate(ring.mine):
+            for i, (rows, heads) in enumerate(ring.index):
+                peers = ring.peers(i, chunk, is_causal, parts)
+                if not peers:
+                    continue
+                kp, vp = _peer_rows(parts, peers, i)
+                gk, gv = _rows_backward(gos[j], qs[j], outs[j], lses[j], dqs[j], rows, heads, kp, vp, ring.g, scale)
+                n_rows = ring.c // ring.branches[i].rate
+                for t, p in enumerate(peers):
+                    grad_parts[p][i][0].add_(gk[:, :, t * n_rows:(t + 1) * n_rows])
+                    grad_parts[p][i][1].add_(gv[:, :, t * n_rows:(t + 1) * n_rows])
         requests, (grads,) = _pass([grads], group, rank, world_size)  # with their rows, to the next rank
         _wait(requests)
         if transfer is not None:
             _wait(transfer[0])
             (rows_kv,) = transfer[1]
-    for (rows, heads), (gk, gv) in zip(index, _unpack(grads, branches, b, s, d)):  # home after P passes
-        dk[:, rows, heads] += gk.to(dk.dtype)
-        dv[:, rows, heads] += gv.to(dv.dtype)
+    home = ring.unpack(grads, rank, world_size, layout, b, d)  # home after P passes
+    for j, chunk in enumerate(ring.mine):
+        dk_j, dv_j = ring.views(dk)[j], ring.views(dv)[j]
+        for (rows, heads), (gk, gv) in zip(ring.index, home[chunk]):
+            dk_j[:, rows, heads] += gk.to(dk.dtype)
+            dv_j[:, rows, heads] += gv.to(dv.dtype)
     return dq, dk, dv
-

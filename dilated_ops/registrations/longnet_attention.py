@@ -18,19 +18,29 @@ from torch import Tensor
 
 from .. import _checks
 from ..kernels import attention as _attention
-from ..kernels.distributed import longnet_backward, longnet_forward, longnet_geometry_error, spanning_numel
+from ..kernels.distributed import (LAYOUTS, chunks, longnet_backward, longnet_forward, longnet_geometry_error, pieces,
+                                   spanning_numel)
 from .ulysses_attention import resolve_group
 
 
-def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size):
+def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size,
+                    layout: str = "contiguous"):
     """The op's arguments, before any collective (a rank with bad input raises at once); the
-    ring op takes the same."""
+    ring op takes the same and a ``layout`` (:data:`~dilated_ops.kernels.distributed.LAYOUTS`),
+    whose chunks the geometry applies to."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}: got {layout!r}")
     segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
         q, k, v, segment_lengths, dilation_rates, mode, scale, 0.0, is_causal=is_causal)
     _checks.check_positive_int("world_size", world_size)
-    reason = longnet_geometry_error(q.shape[1], world_size, segment_lengths, dilation_rates)
+    m, s = len(pieces(0, world_size, layout)), q.shape[1]
+    if s % m:
+        raise ValueError(f"layout {layout!r} holds {m} chunks of the sequence per shard: the shard length must be "
+                         f"divisible by {m}, got q of shape {tuple(q.shape)}")
+    reason = longnet_geometry_error(s // m, chunks(world_size, layout), segment_lengths, dilation_rates)
     if reason is not None:
-        raise ValueError(reason)
+        raise ValueError(reason if m == 1 else f"layout {layout!r} (the sequence in {chunks(world_size, layout)} "
+                                               f"chunks of {s // m}): {reason}")
     return segment_lengths, dilation_rates, scale
 
 

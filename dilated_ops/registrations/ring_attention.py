@@ -5,8 +5,10 @@ transfers overlapped with the attention, merged in by log-sum-exp; their gradien
 ring home in float32), custom op, fake kernel, autograd.
 
 q, k, v: this rank's shard ``(batch, seq / P, heads, head_dim)``; the group by name with its
-size given, as for ``ulysses_attention``. Returns ``(out, lse)``; the backward passes the ring
-again (nothing gathered is kept).
+size given, as for ``ulysses_attention``; ``layout``: ``"contiguous"`` (rank ``p`` holds chunk
+``p`` of ``P``) or ``"zigzag"`` (chunks ``p`` and ``2P - 1 - p`` of ``2P``, head and tail, for
+causal load balance). Returns ``(out, lse)``; the backward passes the ring again (nothing
+gathered is kept).
 """
 from __future__ import annotations
 
@@ -27,17 +29,18 @@ __all__ = ["check_arguments", "ring_attention_op", "ring_attention_backward_op"]
 @torch.library.custom_op("dilated::ring_attention", mutates_args=())
 def ring_attention_op(
     q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int], mode: str,
-    is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
+    is_causal: bool, scale: Optional[float], group_name: str, world_size: int, layout: str = "contiguous",
 ) -> Tuple[Tensor, Tensor]:
-    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size, layout)
     group = resolve_group(group_name, world_size)
     return ring_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group, world_size,
-                        dist.get_rank(group))
+                        dist.get_rank(group), layout)
 
 
 @ring_attention_op.register_fake
-def _fake(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size):
-    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+def _fake(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size,
+          layout="contiguous"):
+    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size, layout)
     b, s, h, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(b, s, h, dtype=_attention.lse_dtype(q.dtype)))
@@ -47,30 +50,31 @@ def _fake(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, grou
 def ring_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, segment_lengths: List[int],
     dilation_rates: List[int], mode: str, is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
+    layout: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     group = resolve_group(group_name, world_size)
     return ring_backward(grad_out.contiguous(), q, k, v, out, lse, segment_lengths, dilation_rates, mode, is_causal,
-                         scale, group, world_size, dist.get_rank(group))
+                         scale, group, world_size, dist.get_rank(group), layout)
 
 
 @ring_attention_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, mode, is_causal, scale, group_name,
-                   world_size):
+                   world_size, layout):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size = inputs
+    q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size, layout = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.config = (segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size)
+    ctx.config = (segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size, layout)
 
 
 def _backward(ctx, grad_out, _):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = ring_attention_backward_op(grad_out, q, k, v, out, lse, *ctx.config)
-    return (dq, dk, dv) + (None,) * 7
+    return (dq, dk, dv) + (None,) * 8
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
