@@ -108,14 +108,15 @@ def test_bench_under_torchrun_times_the_process_group_rows(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dilated_ops",
          "bench", "--device", "cpu", "--seq-lens", "256,255", "--heads", "4", "--head-dim", "8",
          "--segment-lengths", "64,128", "--dilation-rates", "1,2", "--repeats", "2", "--warmup", "1",
-         "--impls", "dilated-distributed,dense", "--strategy", "ulysses", "--out-dir", str(tmp_path)],
+         "--impls", "dilated-distributed,dilated-ring,dense", "--strategy", "ulysses", "--layout", "zigzag",
+         "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "bench.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     timed = [r for r in rows if r["median_ms"]]
     assert {(r["seq_len"], r["impl"], r["pass"]) for r in timed} == {
-        ("256", "dilated-distributed", p) for p in ("fwd", "fwd+bwd")}
+        ("256", impl, p) for impl in ("dilated-distributed", "dilated-ring") for p in ("fwd", "fwd+bwd")}
     assert all(float(r["median_ms"]) > 0 and r["world_size"] == "2" for r in timed)
     assert {r["note"] for r in rows if r["seq_len"] == "255" and r["impl"] == "dilated-distributed"} == {
         "skipped: seq_len 255 is not divisible by the 2 ranks"}
@@ -125,6 +126,8 @@ def test_bench_under_torchrun_times_the_process_group_rows(tmp_path):
     fwd, bwd = (4 * 128 * 4 * 8 * 4 + 128 * 4 * 4) // 2, 4 * 128 * 4 * 8 * 4 // 2
     assert (f"note: seq_len 256, groups, ulysses on 2 ranks: each sends {fwd / 2**20:.4g} MiB forward, "
             f"{(fwd + bwd) / 2**20:.4g} MiB forward+backward") in proc.stdout
+    # the ring row on zigzag shards (--layout): chunks of 64, segment 128 spans two of them
+    assert "note: seq_len 256, groups, ring (zigzag shards) on 2 ranks: each sends" in proc.stdout
     assert proc.stdout.count("| seq_len | impl") == 1, "rank 0 reports alone"
 
 

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--strategy", default="auto",
                        help="process-group rows (under torchrun): the sequence-parallel strategy, auto, "
                             "longnet, ring or ulysses")
+    bench.add_argument("--layout", default="contiguous",
+                       help="ring rows (dilated-ring, under torchrun): the shards, contiguous or zigzag")
     bench.add_argument("--dense-max", type=int, default=65536,
                        help="largest seq_len timed with dense SDPA (0: no dense rows)")
     bench.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 20 CUDA, 5 CPU")

@@ -100,6 +100,7 @@ def validate(args) -> None:
     _checks.check_segments(args.segment_lengths, args.dilation_rates)
     sparse_config(args)  # --pattern, --block-size, --density checked as SparsePatternConfig fields
     sequence_parallel.check_strategy(args.strategy)
+    sequence_parallel.check_layout(args.layout)
     for mode in args.modes:
         _checks.check_mode(mode)
     for name in ("heads", "head_dim", "batch", "repeats", "warmup", "dense_max"):
@@ -189,6 +190,8 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
     # The row's own single-head module (variants.Variant.module): what a user of the row runs.
     if "strategy" in variant.options:
         options["strategy"] = args.strategy
+    if "layout" in variant.options:
+        options["layout"] = args.layout
     module = getattr(modules, variant.module)(segs, rates, mode=mode if mode in MODES else "groups", **options)
 
     def call(q, k, v):
@@ -317,7 +320,10 @@ def _comm_note(variant, n: int, mode: str, args, dtype) -> str:
     wide = 8 if dtype == torch.float64 else 4  # the log-sum-exp's and the accumulation's
     if strategy in ("longnet", "ring"):
         count = distributed.longnet_bytes if strategy == "longnet" else distributed.ring_bytes
-        fwd, bwd = count(shard, element, wide, world, args.segment_lengths, args.dilation_rates, mode)
+        layout = (args.layout,) if variant.name == "ring" else ()
+        fwd, bwd = count(shard, element, wide, world, args.segment_lengths, args.dilation_rates, mode, *layout)
+        if layout:
+            strategy += f" ({args.layout} shards)"
     else:
         fwd, bwd = distributed.ulysses_bytes(shard, element, wide, world)
     return (f"seq_len {n}, {mode}, {strategy} on {world} ranks: each sends {fwd / 2**20:.4g} MiB forward, "
