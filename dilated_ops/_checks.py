@@ -120,9 +120,10 @@ def check_embed_dim(embed_dim, num_heads) -> None:
         )
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool = False) -> None:
     """q, k, v: tensors of one supported float dtype, one device, one shape
-    ``(batch, seq, heads, head_dim)``."""
+    ``(batch, seq, heads, head_dim)``; with ``gqa``, k and v may have ``heads_kv`` heads, a
+    divisor of q's (grouped-query attention, SPEC section 8)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor: got {type(t).__name__}")
@@ -138,7 +139,18 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"q, k and v must share one dtype: got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device: got {q.device}, {k.device}, {v.device}")
+    if gqa and _shape(k) == _shape(v) and _shape(k)[:2] + _shape(k)[3:] == _shape(q)[:2] + _shape(q)[3:]:
+        h, h_kv = q.shape[2], k.shape[2]
+        if h_kv == 0 or h % h_kv:
+            raise ValueError(f"k and v have {h_kv} heads, which must divide q's {h} heads (grouped-query "
+                             f"attention): got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+        return
     if not (_shape(q) == _shape(k) == _shape(v)):
+        if gqa:
+            raise ValueError(
+                "k and v must have one shape (batch, seq, heads_kv, head_dim), q the same but for its heads "
+                f"(a multiple of heads_kv): got q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (cross-attention with "
+                "another key length is not supported by dilated attention)")
         raise ValueError(
             "q, k and v must have the same shape (batch, seq, heads, head_dim): got "
             f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (cross-attention with another key "
@@ -204,14 +216,56 @@ def check_num_groups(num_heads: int, num_groups: int) -> None:
         )
 
 
+def check_key_padding_mask(key_padding_mask, q: torch.Tensor) -> None:
+    """None, or a bool tensor ``(batch, seq)`` on q's device (True = keep the key)."""
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor (batch, seq) or None: got "
+                        f"{type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = keep the key): got dtype "
+                        f"{key_padding_mask.dtype}")
+    want = (q.shape[0], q.shape[1])
+    if _shape(key_padding_mask) != want:
+        raise ValueError(f"key_padding_mask must have shape (batch, seq) = {want}: got {_shape(key_padding_mask)}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask must be on q's device ({q.device}): got {key_padding_mask.device}")
+
+
+def check_cu_seqlens(cu_seqlens, q: torch.Tensor, values: bool = True) -> Optional[List[int]]:
+    """None, or a 1-D int32/int64 tensor of document boundaries ``[0, ..., seq]``, non-decreasing
+    (flash-attn's varlen convention; the same boundaries for every batch row). With ``values``,
+    its values are read (a host sync for a CUDA tensor) and returned as a list."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int tensor or None: got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor [0, ..., seq] of at least 2 entries: got "
+                         f"dtype {cu_seqlens.dtype}, shape {_shape(cu_seqlens)}")
+    if not values:
+        return None
+    bounds = cu_seqlens.tolist()
+    n = q.shape[1]
+    if bounds[0] != 0 or bounds[-1] != n or any(a > b for a, b in zip(bounds, bounds[1:])):
+        shown = bounds if len(bounds) <= 8 else bounds[:4] + ["..."] + bounds[-3:]
+        raise ValueError(f"cu_seqlens must rise from 0 to the sequence length ({n}) without falling: got {shown}")
+    return bounds
+
+
 def check_dilated_args(
     q, k, v, segment_lengths, dilation_rates, mode, scale: Optional[float], dropout_p,
     backend: str = "auto", *, is_causal=False, dropout_seed=None, head_start=0, total_heads=0,
+    key_padding_mask=None, cu_seqlens=None,
 ) -> Tuple[List[int], List[int], Optional[float]]:
-    """Everything :func:`dilated_attention` and the op take, checked in SPEC section 1's terms.
-    Returns ``(segment_lengths, dilation_rates, scale)`` as Python ints and float (numpy
-    scalars converted), what the kernels are given."""
-    check_qkv(q, k, v)
+    """Everything :func:`dilated_attention` and the op take, checked in SPEC section 1's and
+    section 8's terms (cu_seqlens' values are checked where they are read). Returns
+    ``(segment_lengths, dilation_rates, scale)`` as Python ints and float (numpy scalars
+    converted), what the kernels are given."""
+    check_qkv(q, k, v, gqa=True)
+    check_key_padding_mask(key_padding_mask, q)
+    check_cu_seqlens(cu_seqlens, q, values=False)
     segment_lengths, dilation_rates = check_segments(segment_lengths, dilation_rates)
     check_mode(mode)
     check_bool("is_causal", is_causal)
@@ -221,6 +275,10 @@ def check_dilated_args(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or 'sdpa': got {backend!r}")
     check_head_window(q.shape[2], head_start, total_heads)
+    ratio = q.shape[2] // k.shape[2]
+    if head_start % ratio:
+        raise ValueError(f"head_start ({head_start}) must be a multiple of heads / heads_kv ({ratio}) with "
+                         f"grouped-query attention, so that the window holds whole KV heads")
     if mode == "groups":
         check_num_groups(total_heads or q.shape[2], len(segment_lengths))
     return segment_lengths, dilation_rates, scale

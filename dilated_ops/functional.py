@@ -26,6 +26,8 @@ def dilated_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    key_padding_mask: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """Dilated attention (LongNet): each branch ``(w, r)`` cuts the sequence into segments of
     ``w`` tokens and, inside each segment, lets every ``r``-th token attend to every ``r``-th
@@ -37,8 +39,11 @@ def dilated_attention(
 
     Args:
         q: ``(batch, seq, heads, head_dim)``.
-        k: ``(batch, seq, heads, head_dim)``, as q.
-        v: ``(batch, seq, heads, head_dim)``, as q.
+        k: ``(batch, seq, heads_kv, head_dim)``: as q, or with fewer heads (grouped-query
+            attention: ``heads_kv`` divides ``heads``, query head ``j`` reads KV head
+            ``j // (heads // heads_kv)``; K/V are never repeated, their gradients sum over the
+            query heads that read them).
+        v: ``(batch, seq, heads_kv, head_dim)``, as k.
         segment_lengths: the branches' ``w_i`` (ints, numpy integers accepted; at most
             ``2**31 - 1``); a last segment shorter than ``w_i`` is attended as it is.
         dilation_rates: the branches' ``r_i`` (``w_i % r_i == 0``), as many as segment_lengths.
@@ -52,6 +57,18 @@ def dilated_attention(
             with ``F.scaled_dot_product_attention``).
         backend: ``"auto"`` runs the fastest kernels we have for the device; ``"sdpa"`` only
             PyTorch's own attention kernels.
+        key_padding_mask: ``(batch, seq)`` bool, True = keep the key (a tokenizer's
+            ``attention_mask.bool()``): a padded key is hidden from every branch. A query that
+            sees no key in a branch gets nothing from it; one that sees none at all gets 0 (and
+            zero gradients), never NaN.
+        cu_seqlens: packed documents, ``[0, l_0, l_0 + l_1, ..., seq]`` (int32/int64, as
+            flash-attn's varlen API; the same boundaries for every batch row): each document
+            is its own sequence (segments restart at its first token, nothing crosses a
+            boundary), so the result equals running the documents one by one. Its values are
+            read on the host (a sync for a CUDA tensor)::
+
+                cu_seqlens = [0, 5, 8], segment_lengths=[4]:   x x x x | x | x x x
+                                                               doc 0       doc 1
 
     Returns:
         ``(batch, seq, heads, head_dim)``, in q's dtype, device and memory order
@@ -63,7 +80,8 @@ def dilated_attention(
     # Checked here as well as in the op: the op's schema rejects wrong types with a less
     # helpful message before its body runs.
     segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
-        q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend, is_causal=is_causal
+        q, k, v, segment_lengths, dilation_rates, mode, scale, dropout_p, backend, is_causal=is_causal,
+        key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
     )
     seed = None
     if dropout_p > 0.0:
@@ -74,7 +92,8 @@ def dilated_attention(
             "dilated_attention does not support forward-mode AD (torch.autograd.forward_ad): "
             "q, k or v carries a tangent; use reverse mode (backward / torch.autograd.grad)"
         )
-    out, _ = _op.call(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed, backend)
+    out, _ = _op.call(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed, backend,
+                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
     return out
 
 

@@ -90,18 +90,22 @@ class DilatedAttention(nn.Module):
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool = False,
-        attention_mask: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """Dilated attention of the already-split heads.
 
         Args:
             query: ``(batch, seq, heads, head_dim)``; in "groups" mode ``heads`` must be at
                 least the number of branches.
-            key: ``(batch, seq, heads, head_dim)``, as query (no cross-attention).
-            value: ``(batch, seq, heads, head_dim)``, as query.
+            key: ``(batch, seq, heads_kv, head_dim)``, as query or with fewer heads
+                (grouped-query attention, as :func:`dilated_ops.dilated_attention`).
+            value: as key.
             is_causal: mask keys after the query inside each segment.
-            attention_mask: must be None (dilated attention takes no mask); kept for v0.2.0's
-                signature.
+            attention_mask: must be None (dilated attention takes no general mask); kept for
+                v0.2.0's signature.
+            key_padding_mask: ``(batch, seq)`` bool, True = keep the key (as
+                :func:`dilated_ops.dilated_attention`; the multihead modules take
+                ``nn.MultiheadAttention``'s convention instead).
 
         Returns:
             ``(batch, seq, heads, head_dim)``, in query's dtype, device and memory order.
@@ -116,14 +120,17 @@ class DilatedAttention(nn.Module):
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask is not supported by dilated attention: got a tensor of shape "
-                f"{tuple(attention_mask.shape)}; use is_causal=True for causal masking"
+                f"{tuple(attention_mask.shape)}; use is_causal=True for causal masking and key_padding_mask for "
+                "padding"
             )
-        return self._attend(query, key, value, is_causal)
+        return self._attend(query, key, value, is_causal, key_padding_mask)
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
         return dilated_attention(
             query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
-            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, **self.op_kwargs,
+            is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, key_padding_mask=key_padding_mask,
+            **self.op_kwargs,
         )
 
     def extra_repr(self) -> str:
@@ -150,6 +157,12 @@ def _group_size(process_group) -> int:
     if process_group is not None:
         return torch.distributed.get_world_size(process_group)
     return _env.distributed_world_size()
+
+
+def _no_padding_across_processes(key_padding_mask) -> None:
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask is not supported by sequence-parallel attention yet (issue 21): got a "
+                         f"tensor of shape {tuple(key_padding_mask.shape)}")
 
 
 def _check_group(process_group) -> None:
@@ -187,9 +200,11 @@ class RingDilatedAttention(ImprovedDilatedAttention):
         check_layout(layout)
         self.process_group, self.layout = process_group, layout
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
         if _group_size(self.process_group) == 1:
-            return super()._attend(query, key, value, is_causal)
+            return super()._attend(query, key, value, is_causal, key_padding_mask)
+        _no_padding_across_processes(key_padding_mask)
         if self.dropout and self.training:
             raise ValueError(f"dropout must be 0.0 for ring attention across processes (its op has no attention "
                              f"dropout): got {self.dropout!r} in training mode")
@@ -239,10 +254,12 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
         _check_group(process_group)
         self.process_group, self.strategy = process_group, strategy
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
         if _group_size(self.process_group) == 1:  # one process: the plain op, the same result
             return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
-                                     is_causal=is_causal, backend="auto")
+                                     is_causal=is_causal, backend="auto", key_padding_mask=key_padding_mask)
+        _no_padding_across_processes(key_padding_mask)
         return sequence_parallel_attention(query, key, value, self.segment_lengths, self.dilation_rates,
                                            strategy=self.strategy, mode=self.mode, is_causal=is_causal,
                                            group=self.process_group)
@@ -392,6 +409,7 @@ class MultiheadDilatedAttention(nn.Module):
         need_weights: bool = False,
         attn_mask: Optional[Tensor] = None,
         is_causal: bool = False,
+        key_padding_mask: Optional[Tensor] = None,
     ):
         """Multi-head dilated attention of ``query`` over ``key``/``value`` (self-attention:
         they must have query's shape).
@@ -405,6 +423,9 @@ class MultiheadDilatedAttention(nn.Module):
                 ``need_weights`` changes nothing (as in v0.2.0); the second output is None.
             attn_mask: must be None; use ``is_causal`` for causal masking.
             is_causal: mask keys after the query inside each segment.
+            key_padding_mask: ``(batch, seq)`` bool in ``nn.MultiheadAttention``'s convention,
+                True = padding (the key is ignored); a query that sees no key gets 0 before the
+                output projection.
 
         Returns:
             ``(output, None)``: ``output`` has query's shape, ``(batch, seq, embed_dim)`` or
@@ -421,12 +442,20 @@ class MultiheadDilatedAttention(nn.Module):
         if attn_mask is not None:
             raise ValueError(
                 "attn_mask is not supported by dilated attention: got a tensor of shape "
-                f"{tuple(attn_mask.shape)}; use is_causal=True for causal masking"
+                f"{tuple(attn_mask.shape)}; use is_causal=True for causal masking and key_padding_mask for "
+                "padding"
             )
         self._check_inputs(query, key, value)
+        keep = None
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError("key_padding_mask must be a bool tensor (batch, seq), True = padding as in "
+                                f"nn.MultiheadAttention: got {getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+            keep = ~key_padding_mask
         return attention_block(
             query, key, value, lambda q, k, v: (self.q_proj(q), self.k_proj(k), self.v_proj(v)),
-            lambda q, k, v: self.attention(q, k, v, is_causal=is_causal), self.out_proj, self.num_heads,
+            lambda q, k, v: self.attention(q, k, v, is_causal=is_causal, key_padding_mask=keep), self.out_proj,
+            self.num_heads,
             self.head_dim, seq_first=not self.batch_first, norm=self.norm,
         ), None
 
@@ -510,7 +539,11 @@ class BlockSparseRingDilatedAttention(DilatedAttention):
                              "block_mask= to dilated_ops.block_sparse_attention instead)")
         self.sparse_config = sparse_config
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask is not supported by block-sparse attention yet (issue 21): got a "
+                             f"tensor of shape {tuple(key_padding_mask.shape)}")
         return block_sparse_attention(query, key, value, self.sparse_config, is_causal=is_causal,
                                       segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates)
 

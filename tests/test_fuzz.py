@@ -7,7 +7,8 @@ by itself::
 
     DILATED_OPS_FUZZ_SEED=<seed> DILATED_OPS_FUZZ_CASE=<i> python -m pytest tests/test_fuzz.py -s
 
-``DILATED_OPS_FUZZ_COUNT`` changes the number of cases (default: 2000 dilated, 500 block-sparse,
+``DILATED_OPS_FUZZ_COUNT`` changes the number of cases (default: 2000 dilated, 600 with GQA,
+padding and packing, 500 block-sparse,
 1000 head windows, 100 Ulysses configurations on 2 gloo processes and 40 on 4).
 """
 import json
@@ -56,6 +57,21 @@ def dilated_case(seed: int, i: int):
     return dict(b=rng.randint(1, 3), n=n, h=h, d=rng.choice([1, 3, 4, 8, 13, 16]), segs=segs, rates=rates,
                 mode=mode, causal=rng.random() < 0.5, scale=rng.choice([None, None, 0.37, 0.0, -0.6, 1.9]),
                 layout=rng.choice(LAYOUTS), data=rng.randrange(2**31))
+
+
+def masked_case(seed: int, i: int):
+    """A dilated case with SPEC section 8's arguments: grouped-query heads, key padding (rows
+    fully padded sometimes), packed documents (empty ones included)."""
+    c = dilated_case(seed, i)
+    rng = random.Random(f"{seed}-masked-{i}")
+    ratio = rng.choice([1, 2, 3, 4])
+    h_kv = max(1, c["h"] // ratio)
+    h = h_kv * ratio
+    if c["mode"] == "groups" and h < len(c["segs"]):
+        h = h_kv * ratio * -(-len(c["segs"]) // (h_kv * ratio))
+    cuts = sorted(rng.randint(0, c["n"]) for _ in range(rng.randint(0, 3)))
+    return dict(c, h=h, h_kv=h_kv, pad=rng.choice([None, 0.2, 0.6, 1.0]),
+                cu=[0, *cuts, c["n"]] if rng.random() < 0.5 else None)
 
 
 def block_sparse_case(seed: int, i: int):
@@ -126,6 +142,23 @@ def check_dilated(c) -> bool:
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     ref = dilated_attention_reference(*ref_in, c["segs"], c["rates"], **kw)
+    want = torch.autograd.grad(ref, ref_in, g)
+    return close(out, ref) and all(close(a, w) for a, w in zip(grads, want))
+
+
+def check_masked(c) -> bool:
+    torch.manual_seed(c["data"])
+    q = inputs(c["b"], c["n"], c["h"], c["d"], c["layout"])[0]
+    k, v = inputs(c["b"], c["n"], c["h_kv"], c["d"], c["layout"])[1:]
+    kpm = None if c["pad"] is None else torch.rand(c["b"], c["n"]) >= c["pad"]
+    kw = dict(mode=c["mode"], is_causal=c["causal"], scale=c["scale"], key_padding_mask=kpm)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    cu = None if c["cu"] is None else torch.tensor(c["cu"])
+    out = dilated_ops.dilated_attention(*leaves, c["segs"], c["rates"], cu_seqlens=cu, **kw)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = dilated_attention_reference(*ref_in, c["segs"], c["rates"], cu_seqlens=c["cu"], **kw)
     want = torch.autograd.grad(ref, ref_in, g)
     return close(out, ref) and all(close(a, w) for a, w in zip(grads, want))
 
@@ -245,6 +278,10 @@ def run(capsys, name: str, make, check, default_count: int):
 
 def test_fuzz_dilated_attention(capsys):
     run(capsys, "dilated_attention", dilated_case, check_dilated, 2000)
+
+
+def test_fuzz_gqa_padding_packed(capsys):
+    run(capsys, "dilated_attention with GQA, key padding, packed documents", masked_case, check_masked, 600)
 
 
 def test_fuzz_block_sparse_attention(capsys):

@@ -68,14 +68,16 @@ def test_dropout_only_in_training():
     assert (first - plain).abs().max() > 1e-3
 
 
-def hand_written_multihead(m, query, key, value, is_causal, segs, rates):
-    """What MultiheadDilatedAttention computes, from its parameters, written out (batch first)."""
+def hand_written_multihead(m, query, key, value, is_causal, segs, rates, padded=None):
+    """What MultiheadDilatedAttention computes, from its parameters, written out (batch first);
+    ``padded``: nn.MultiheadAttention's key_padding_mask (True = padding)."""
     b, n, e = query.shape
     h = m.num_heads
     q = F.linear(query, m.q_proj.weight, m.q_proj.bias).reshape(b, n, h, e // h)
     k = F.linear(key, m.k_proj.weight, m.k_proj.bias).reshape(b, n, h, e // h)
     v = F.linear(value, m.v_proj.weight, m.v_proj.bias).reshape(b, n, h, e // h)
-    x = dilated_attention_reference(q, k, v, segs, rates, mode="groups", is_causal=is_causal).reshape(b, n, e)
+    x = dilated_attention_reference(q, k, v, segs, rates, mode="groups", is_causal=is_causal,
+                                    key_padding_mask=None if padded is None else ~padded).reshape(b, n, e)
     if m.norm is not None:
         x = F.layer_norm(x, (e,), m.norm.weight, m.norm.bias, m.norm.eps)
     return F.linear(x, m.out_proj.weight, m.out_proj.bias)
@@ -112,6 +114,44 @@ def test_multihead_matches_hand_written_composition(cls, layer_norm, is_causal, 
         assert (got_g - want_g).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("cls", MULTIHEAD, ids=lambda c: c.__name__)
+def test_multihead_key_padding_mask_in_nn_multihead_attention_convention(cls):
+    """key_padding_mask True = padding (nn.MultiheadAttention's convention), a fully padded
+    batch row; against the hand-written composition, forward and backward;
+    and, for one dense branch without the norm, against nn.MultiheadAttention itself at the rows
+    it defines (it gives NaN for the fully padded row)."""
+    segs, rates = [8, 16, 32], [1, 2, 4]
+    m = cls(embed_dim=40, num_heads=5, segment_lengths=segs, dilation_rates=rates, dtype=torch.float64)
+    padded = torch.rand(3, 45) < 0.3
+    padded[2] = True
+    query = rand(3, 45, 40).requires_grad_()
+    out, _ = m(query, is_causal=True, key_padding_mask=padded)
+    want = hand_written_multihead(m, query, query, query, True, segs, rates, padded)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    g = rand(*out.shape)
+    params = (query,) + tuple(m.parameters())
+    for x, y in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+    dense = cls(embed_dim=40, num_heads=5, segment_lengths=[45], dilation_rates=[1], layer_norm=False,
+                dtype=torch.float64)
+    mha = torch.nn.MultiheadAttention(40, 5, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        for p in dense.parameters():  # non-zero biases, so the padded row's output is not 0
+            p.add_(0.1 * torch.randn_like(p))
+        mha.in_proj_weight.copy_(torch.cat([dense.q_proj.weight, dense.k_proj.weight, dense.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([dense.q_proj.bias, dense.k_proj.bias, dense.v_proj.bias]))
+        mha.out_proj.weight.copy_(dense.out_proj.weight)
+        mha.out_proj.bias.copy_(dense.out_proj.bias)
+    x = query.detach()
+    theirs, _ = mha(x, x, x, key_padding_mask=padded, need_weights=False)
+    ours, _ = dense(x, key_padding_mask=padded)
+    torch.testing.assert_close(ours[:2], theirs[:2], rtol=1e-10, atol=1e-10)
+    # the fully padded row: attention 0, so the output projection's bias (torch versions differ
+    # for nn.MultiheadAttention there: NaN or the same)
+    torch.testing.assert_close(ours[2], dense.out_proj.bias.expand(45, 40), rtol=0, atol=0)
+
+
 def test_magneto_init():
     gamma = 3.0
     m = dilated_ops.MultiheadDilatedAttention(256, 8, segment_lengths=[16], dilation_rates=[1], gamma_init=gamma)
@@ -131,7 +171,11 @@ def test_multihead_v020_positional_order():
 
 MH_ERRORS = [
     (dict(attn_mask=torch.zeros(16, 16)), (2, 16, 32), (2, 16, 32), ValueError,
-     "attn_mask is not supported by dilated attention: got a tensor of shape (16, 16); use is_causal=True for causal masking"),
+     "attn_mask is not supported by dilated attention: got a tensor of shape (16, 16); use is_causal=True for causal "
+     "masking and key_padding_mask for padding"),
+    (dict(key_padding_mask=torch.zeros(2, 16)), (2, 16, 32), (2, 16, 32), TypeError,
+     "key_padding_mask must be a bool tensor (batch, seq), True = padding as in nn.MultiheadAttention: got "
+     "torch.float32"),
     ({}, (2, 16, 32), (2, 12, 32), ValueError,
      "key and value must have query's shape (batch, seq, embed_dim): got query (2, 16, 32), key (2, 12, 32), value (2, 12, 32) (cross-attention with another key length is not supported by dilated attention)"),
     ({}, (2, 16, 24), (2, 16, 24), ValueError, "query's last dim must be embed_dim (32): got shape (2, 16, 24)"),

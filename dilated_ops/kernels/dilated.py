@@ -17,12 +17,13 @@ the groups backward is the plain backward of each branch scaled by ``1 / G``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from . import attention
-from .segments import bhld_views, from_bhld, plan, segment_views, to_bhld
+from .segments import bhld_views, from_bhld, gqa_plan, plan, segment_views, to_bhld
 
 
 def _dense_last(x: torch.Tensor) -> torch.Tensor:
@@ -54,23 +55,32 @@ def empty_output(q: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(_dense_last(q))
 
 
-def _pieces(call, *tensors):
-    return zip(*(segment_views(t, call) for t in tensors))
+def _pieces(pairs):
+    return zip(*(segment_views(t, call) for t, call in pairs))
 
 
-def _bhld_pieces(call, reads, writes):
-    """Per piece of ``call``: ``(reads, writes)``, the ``reads`` tensors as ``(batch*segments,
-    heads, len, *tail)`` views (the layout SDPA takes) and the destinations in ``writes``. Straight
-    views (:func:`segments.bhld_views`) when every piece's batch and segment dims merge; else the
-    reads come through :func:`to_bhld` (copies) and the destinations as 5-D pieces, which
-    :func:`_into` writes through."""
-    direct = [bhld_views(t, call) for t in (*reads, *writes)]
+def _bhld_pieces(reads, writes):
+    """Per piece: ``(reads, writes)``, the ``reads`` tensors as ``(batch*segments, heads, len,
+    *tail)`` views (the layout SDPA takes) and the destinations in ``writes``; each of them a
+    ``(tensor, call)`` pair (q-shaped tensors with the launch's query call, k/v-shaped ones with
+    its KV call: :func:`segments.gqa_plan`). Straight views (:func:`segments.bhld_views`) when
+    every piece's batch and segment dims merge; else the reads come through :func:`to_bhld`
+    (copies) and the destinations as 5-D pieces, which :func:`_into` writes through."""
+    direct = [bhld_views(t, call) for t, call in (*reads, *writes)]
     if all(views is not None for views in direct):
         per_piece = zip(*direct)
     else:
-        per_piece = ((*(to_bhld(p) for p in ps[: len(reads)]), *ps[len(reads):]) for ps in _pieces(call, *reads, *writes))
+        per_piece = ((*(to_bhld(p) for p in ps[: len(reads)]), *ps[len(reads):]) for ps in _pieces((*reads, *writes)))
     for ps in per_piece:
         yield ps[: len(reads)], ps[len(reads):]
+
+
+def _mask_reads(key_padding_mask, call):
+    """The ``(tensor, call)`` read of a key padding mask ``(batch, seq)`` for the launch of query
+    call ``call``, whose pieces are ``(batch*segments, 1, len)`` key masks; none without one."""
+    if key_padding_mask is None:
+        return ()
+    return ((key_padding_mask.unsqueeze(-1), dataclasses.replace(call, heads=slice(0, 1, 1))),)
 
 
 def _into(g: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -111,7 +121,7 @@ def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, l
     launches = []
     for call in calls:
         fill = (call.rate, call.offset) if call.rate > 1 else None
-        for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces(call, q, k, v, out, lse)):
+        for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces((x, call) for x in (q, k, v, out, lse))):
             full_segments = pi == 0 and n >= call.seg_len
             launches.append(triton_fwd.forward_into(qp, kp, vp, outp, lsep, is_causal, scale, 1.0 / num_branches,
                                                     fill if full_segments else None, (q, k, v, out, lse)))
@@ -133,30 +143,39 @@ def dilated_attention_forward(
     backend: str = "auto",
     head_start: int = 0,
     total_heads: int = 0,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of dilated attention; q, k, v ``(batch, seq, heads, head_dim)``, already
-    validated. ``seed`` drives the dropout masks (used only when ``dropout_p > 0``);
+    """``(out, lse)`` of dilated attention; q ``(batch, seq, heads, head_dim)``, k, v ``(batch,
+    seq, heads_kv, head_dim)`` (``heads_kv`` dividing ``heads``: grouped-query attention),
+    already validated. ``seed`` drives the dropout masks (used only when ``dropout_p > 0``);
     ``backend`` "sdpa" keeps to PyTorch's attention kernels, "auto" may use our Triton one.
-    ``head_start``, ``total_heads``: the heads are a window of a larger call's (:func:`plan`)."""
+    ``head_start``, ``total_heads``: the heads are a window of a larger call's (:func:`plan`).
+    ``key_padding_mask`` ``(batch, seq)`` bool, True = keep: a query that sees no key in a
+    branch gets nothing from it (SPEC section 8)."""
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
     b, n, h, d = q.shape
     scale = attention.default_scale(d, scale)
     num_branches = len(segment_lengths)
-    calls = plan(h, tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads)
+    config = (tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads)
+    pairs = gqa_plan(h, k.shape[2], *config)
     lse_dtype = attention.lse_dtype(q.dtype)
+    masked = key_padding_mask is not None
 
     if mode == "groups":
-        triton_mods = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
+        plain = k.shape[2] == h and not masked
+        triton_mods = _triton_forward(q, dropout_p, scale) if backend == "auto" and plain else None
         if triton_mods is not None:
+            calls = plan(h, *config)
             return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype, num_branches,
                                   (tuple(segment_lengths), tuple(dilation_rates), head_start, total_heads))
         # One contiguous fill each: it measured faster than a strided fill of only the heads of
         # rate > 1 branches, though that writes fewer bytes (benchmarks/RESULTS.md).
         out = empty_output(q).zero_()
         lse = torch.empty((b, n, h), dtype=lse_dtype, device=q.device).fill_(float("-inf"))
-        for ci, call in enumerate(calls):
-            for pi, ((qp, kp, vp), (outp, lsep)) in enumerate(_bhld_pieces(call, (q, k, v), (out, lse))):
-                o_b, l_b = attention.forward(qp, kp, vp, is_causal, scale, dropout_p, seed + 2 * ci + pi)
+        for ci, (qc, kc) in enumerate(pairs):
+            reads = ((q, qc), (k, kc), (v, kc), *_mask_reads(key_padding_mask, qc))
+            for pi, ((qp, kp, vp, *keep), (outp, lsep)) in enumerate(_bhld_pieces(reads, ((out, qc), (lse, qc)))):
+                o_b, l_b = attention.forward(qp, kp, vp, is_causal, scale, dropout_p, seed + 2 * ci + pi, *keep)
                 torch.div(_into(o_b, outp), num_branches, out=outp)
                 lsep.copy_(_into(l_b, lsep))
         return out, lse
@@ -165,17 +184,20 @@ def dilated_attention_forward(
     out = empty_output(q).zero_()
     branch_lse = q.new_full((num_branches, b, n, h), float("-inf"), dtype=lse_dtype)
     results = []
-    for ci, call in enumerate(calls):
-        for pi, ((qp, kp, vp), (blsep,)) in enumerate(_bhld_pieces(call, (q, k, v), (branch_lse[call.branch],))):
-            o_b, l_b = attention.forward(qp, kp, vp, is_causal, scale, dropout_p, seed + 2 * ci + pi)
+    for ci, (qc, kc) in enumerate(pairs):
+        reads = ((q, qc), (k, kc), (v, kc), *_mask_reads(key_padding_mask, qc))
+        for pi, ((qp, kp, vp, *keep), (blsep,)) in enumerate(_bhld_pieces(reads, ((branch_lse[qc.branch], qc),))):
+            o_b, l_b = attention.forward(qp, kp, vp, is_causal, scale, dropout_p, seed + 2 * ci + pi, *keep)
             blsep.copy_(_into(l_b, blsep))
             results.append((o_b, l_b))
     lse = torch.logsumexp(branch_lse, dim=0)
     results = iter(results)
-    for call in calls:
-        for (lsep,), (outp,) in _bhld_pieces(call, (lse,), (out,)):
+    for qc, _ in pairs:
+        for (lsep,), (outp,) in _bhld_pieces(((lse, qc),), ((out, qc),)):
             o_b, l_b = next(results)
             weight = torch.exp(l_b - lsep)
+            if masked:  # a query no branch lets see a key: -inf - -inf; it gets 0
+                weight = torch.where(torch.isneginf(l_b), 0.0, weight)
             outp.add_(_into(o_b * weight.unsqueeze(-1), outp))
     return out, lse
 
@@ -196,27 +218,36 @@ def dilated_attention_backward(
     seed: int = 0,
     head_start: int = 0,
     total_heads: int = 0,
+    key_padding_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)``, each ``(batch, seq, heads, head_dim)``, given the forward's ``out`` and
-    ``lse`` and the upstream ``grad_out``; ``head_start``, ``total_heads`` as the forward's."""
+    """``(dq, dk, dv)``, shaped as q, k, v, given the forward's ``out`` and ``lse`` and the
+    upstream ``grad_out``; ``head_start``, ``total_heads``, ``key_padding_mask`` as the
+    forward's. A KV head's gradients sum over the query heads that read it."""
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
     grad_out = grad_out.contiguous()
     d = q.shape[-1]
     scale = attention.default_scale(d, scale)
     num_branches = len(segment_lengths)
-    calls = plan(q.shape[2], tuple(segment_lengths), tuple(dilation_rates), mode, head_start, total_heads)
+    pairs = gqa_plan(q.shape[2], k.shape[2], tuple(segment_lengths), tuple(dilation_rates), mode, head_start,
+                     total_heads)
     groups = mode == "groups"
+    # groups mode writes each (position, head) of dq once; dk, dv too unless KV heads are shared
+    overwrite = (True, k.shape[2] == q.shape[2], v.shape[2] == q.shape[2]) if groups else (False,) * 3
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    for ci, call in enumerate(calls):
-        pieces = _bhld_pieces(call, (grad_out, q, k, v, out, lse), (dq, dk, dv))
-        for pi, ((gp, qp, kp, vp, outp, lsep), dsts) in enumerate(pieces):
+    for ci, (qc, kc) in enumerate(pairs):
+        reads = ((grad_out, qc), (q, qc), (k, kc), (v, kc), (out, qc), (lse, qc), *_mask_reads(key_padding_mask, qc))
+        pieces = _bhld_pieces(reads, ((dq, qc), (dk, kc), (dv, kc)))
+        for pi, ((gp, qp, kp, vp, outp, lsep, *keep), dsts) in enumerate(pieces):
             # groups: the branch's own output is G * out (its share of the combine is 1/G);
             # longnet: the combined output with the combined lse (see the module docstring).
             o_in = outp * num_branches if groups else outp
-            grads = attention.backward(gp, qp, kp, vp, o_in, lsep, is_causal, scale, dropout_p, seed + 2 * ci + pi)
-            for dst, g in zip(dsts, grads):
-                if groups:
+            grads = attention.backward(gp, qp, kp, vp, o_in, lsep, is_causal, scale, dropout_p, seed + 2 * ci + pi,
+                                       *keep)
+            for dst, g, once in zip(dsts, grads, overwrite):
+                if once:
                     torch.div(_into(g, dst), num_branches, out=dst)
+                elif groups:
+                    dst.add_(_into(g / num_branches, dst))
                 else:
                     dst.add_(_into(g, dst))
     return dq, dk, dv

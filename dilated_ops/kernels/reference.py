@@ -31,14 +31,17 @@ def branch_masks(
 
 def _masked_attention(q, k, v, allowed, scale):
     """Per-head masked attention; returns ``out`` (zero on rows with no allowed key) and
-    ``lse`` (``-inf`` there). q, k, v ``(b, n, h, d)``, allowed ``(h, n, n)``."""
+    ``lse`` (``-inf`` there). q, k, v ``(b, n, h, d)``, allowed ``(h, n, n)`` or, per batch
+    row, ``(b, h, n, n)``."""
+    if allowed.dim() == 3:
+        allowed = allowed.unsqueeze(0)
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
     s = s.masked_fill(~allowed, float("-inf"))
-    row_ok = allowed.any(-1)  # (h, n)
+    row_ok = allowed.any(-1)  # (1 or b, h, n)
     s = torch.where(row_ok.unsqueeze(-1), s, torch.zeros((), dtype=s.dtype))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
-    out = torch.einsum("bhij,bjhd->bihd", p, v) * row_ok.T.unsqueeze(-1)
+    out = torch.einsum("bhij,bjhd->bihd", p, v) * row_ok.transpose(1, 2).unsqueeze(-1)
     lse = lse.masked_fill(~row_ok, float("-inf")).transpose(1, 2)  # (b, n, h)
     return out, lse
 
@@ -52,11 +55,26 @@ def dilated_attention_reference(
     mode: str = "groups",
     is_causal: bool = False,
     scale: Optional[float] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
-    """Dilated attention of SPEC sections 2-3, computed in float64 and returned in q's dtype."""
+    """Dilated attention of SPEC sections 2-3 and 8, computed in float64 and returned in q's
+    dtype. k, v may have fewer heads than q (grouped-query attention: query head j reads KV head
+    ``j // (heads // heads_kv)``); ``key_padding_mask`` ``(batch, seq)`` bool, True = keep;
+    ``cu_seqlens`` the packed documents' boundaries ``[0, ..., seq]``: each document on its own."""
+    if cu_seqlens is not None:
+        bounds = [int(x) for x in cu_seqlens]
+        return torch.cat([
+            dilated_attention_reference(
+                q[:, a:z], k[:, a:z], v[:, a:z], segment_lengths, dilation_rates, mode, is_causal, scale,
+                None if key_padding_mask is None else key_padding_mask[:, a:z])
+            for a, z in zip(bounds[:-1], bounds[1:])], dim=1)
     dtype = q.dtype
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
     b, n, h, d = q.shape
+    if k.shape[2] != h:  # grouped-query attention: each KV head serves h / h_kv query heads
+        k, v = (t.repeat_interleave(h // t.shape[2], dim=2) for t in (k, v))
+    keep = None if key_padding_mask is None else key_padding_mask.to(q.device).view(b, 1, 1, n)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     num_branches = len(segment_lengths)
     heads = torch.arange(h, device=q.device)
@@ -67,14 +85,14 @@ def dilated_attention_reference(
         out = torch.zeros_like(q)
         for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
             _, allowed = branch_masks(n, w, r, torch.full((h,), i % r, device=q.device), is_causal)
-            o_i, _ = _masked_attention(q, k, v, allowed, scale)
+            o_i, _ = _masked_attention(q, k, v, allowed if keep is None else allowed & keep, scale)
             in_group = (group_of_head == i).to(torch.float64).view(1, 1, h, 1)
             out = out + o_i * in_group / num_branches
     elif mode == "longnet":
         outs, lses = [], []
         for w, r in zip(segment_lengths, dilation_rates):
             _, allowed = branch_masks(n, w, r, heads % r, is_causal)
-            o_i, lse_i = _masked_attention(q, k, v, allowed, scale)
+            o_i, lse_i = _masked_attention(q, k, v, allowed if keep is None else allowed & keep, scale)
             outs.append(o_i)
             lses.append(lse_i)
         lse = torch.stack(lses)  # (G, b, n, h)

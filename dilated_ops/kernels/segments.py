@@ -6,6 +6,7 @@ and ``tail = ()`` for the per-position log-sum-exp.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -140,3 +141,45 @@ def from_bhld(t: torch.Tensor, piece: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`to_bhld`: a ``(batch*segments, heads, len, *tail)`` result viewed with
     the shape of ``piece``, ready to be written into it."""
     return t.transpose(1, 2).unflatten(0, piece.shape[:2])
+
+
+@functools.lru_cache(maxsize=256)
+def gqa_plan(
+    num_heads: int, num_kv_heads: int, segment_lengths: Tuple[int, ...], dilation_rates: Tuple[int, ...], mode: str,
+    head_start: int = 0, total_heads: int = 0,
+) -> Tuple[Tuple[BranchCall, BranchCall], ...]:
+    """:func:`plan`'s launches for grouped-query attention (SPEC section 8: query head ``j`` reads
+    KV head ``j // (num_heads // num_kv_heads)``), each as ``(query call, KV call)``: the query
+    heads and the KV heads they read, such that the ``u``-th query head of the launch reads the
+    ``u // m``-th KV head of it (``m`` query heads per KV head: what attention kernels with
+    native GQA take). A launch whose heads do not map so (a head group or an offset class that
+    cuts a KV head's query heads unevenly) is split into launches that do; no K/V is copied.
+    Without GQA each launch is its own KV call. (A head window starts on a KV head: the checks
+    make ``head_start`` a multiple of the ratio, so window-local heads map alike.)"""
+    calls = plan(num_heads, segment_lengths, dilation_rates, mode, head_start, total_heads)
+    if num_kv_heads == num_heads:
+        return tuple((c, c) for c in calls)
+    ratio = num_heads // num_kv_heads
+    out = []
+    for c in calls:
+        heads = list(range(*c.heads.indices(num_heads)))
+        step = c.heads.step or 1
+        runs = []  # [kv head, query heads reading it], in order
+        for j in heads:
+            if runs and runs[-1][0] == j // ratio:
+                runs[-1][1].append(j)
+            else:
+                runs.append([j // ratio, [j]])
+        block = [runs[0]]
+        for run in runs[1:] + [None]:
+            uniform = (run is not None and len(run[1]) == len(block[0][1])
+                       and (len(block) == 1 or run[0] - block[-1][0] == block[1][0] - block[0][0]))
+            if uniform:
+                block.append(run)
+                continue
+            kv_step = block[1][0] - block[0][0] if len(block) > 1 else 1
+            qs, kvs = [j for _, js in block for j in js], [kv for kv, _ in block]
+            out.append((dataclasses.replace(c, heads=slice(qs[0], qs[-1] + 1, step)),
+                        dataclasses.replace(c, heads=slice(kvs[0], kvs[-1] + 1, kv_step))))
+            block = [run]
+    return tuple(out)

@@ -104,9 +104,9 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT,
          sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, slb, sln, slh,
          s_idx_h, s_idx_i, s_cnt_h, N, H, qk_scale,
          HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-         IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr):
+         IS_CAUSAL: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, POS_SCALE: tl.constexpr):
     """A tile of BLOCK_M queries of query block i: its active key blocks in tiles of BLOCK_N.
-    Q, K, V: TMA descriptors where TMA, else pointers."""
+    Q, K, V: TMA descriptors where TMA, else pointers. POS_SCALE: qk_scale > 0."""
     i, b, h, rows, offs_d = _program(H, BS, BLOCK_M, HEAD_DIM)
     SUB: tl.constexpr = BS // BLOCK_N
     q = _tile(Q, b, h, tl.program_id(0) * BLOCK_M, rows, sqb, sqn, sqh, offs_d, N, BLOCK_M, HEAD_DIM, TMA)
@@ -125,16 +125,23 @@ def _fwd(Q, K, V, O, LSE, IDX, CNT,
             qk = tl.dot(q, tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None],
                                    mask=col_ok[None, :], other=0.0))
         v = _tile(V, b, h, start, cols, svb, svn, svh, offs_d, N, BLOCK_N, HEAD_DIM, TMA)
-        qk = qk * qk_scale
+        if not POS_SCALE:  # scaled first: the mask's -inf must stay -inf
+            qk = qk * qk_scale
         if _masked(i, j, start, BLOCK_N, N, IS_CAUSAL, EVEN):
             keep = col_ok[None, :]
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
             qk = tl.where(keep, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen no key yet keeps m = -inf: subtract 0 there, not -inf (NaN).
-        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        if POS_SCALE:
+            # The max taken on the raw scores, scaled per row: the scaling and the max's
+            # subtraction are one FMA per score.
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # a row with no key yet: not -inf - -inf
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -302,7 +309,8 @@ def forward(q, k, v, plan, block_size: int, is_causal: bool, scale: float):
                 (bm, bn, bn, None, None, None, None) if tma else (None,) * 7,
                 (*_s(q), *_s(k), *_s(v), *_s(out), *lse.stride(), s_h, s_i, s_c, n, h, scale * _LOG2E),
                 dict(HEAD_DIM=d, BS=block_size, BLOCK_M=bm, BLOCK_N=bn, IS_CAUSAL=is_causal,
-                     EVEN=n % block_size == 0, TMA=tma), opts, (tma, is_causal, scale, block_size, bm, bn, *opts.values()))
+                     EVEN=n % block_size == 0, TMA=tma, POS_SCALE=scale > 0), opts,
+                (tma, is_causal, scale, block_size, bm, bn, *opts.values()))
     return out, lse
 
 
