@@ -44,6 +44,7 @@ class Call(NamedTuple):
     dropout_p: float
     dropout_seed: Any
     options: Dict[str, Any]
+    key_padding_mask: Any = None  # (batch, seq) bool, True = keep; for rows with ``masks``
 
 
 def _dilated_args(call: Call) -> tuple:
@@ -111,14 +112,17 @@ class Variant:
 
     def bind(self, call: Call) -> Tuple[tuple, Dict[str, object]]:
         """``(args, kwargs)`` of ``self.op`` for ``call``."""
-        return self.args(call), self.op_kwargs
+        kwargs = self.op_kwargs
+        if call.key_padding_mask is not None:
+            kwargs["key_padding_mask"] = call.key_padding_mask
+        return self.args(call), kwargs
 
 
 def _on_dilated_op(name: str, summary: str, backend: str, module: str, notes: str = "") -> Variant:
     """A row over ``torch.ops.dilated.dilated_attention`` with the op's ``backend`` argument."""
     return Variant(
         name, summary, op=torch.ops.dilated.dilated_attention, args=_dilated_args, op_args=(("backend", backend),),
-        devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True,
+        devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, dropout=True, masks=True, gqa=True,
         module=f"{module}DilatedAttention", multihead_module=f"{module}MultiheadDilatedAttention", notes=notes,
     )
 

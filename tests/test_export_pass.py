@@ -110,11 +110,14 @@ def test_gpt_dense_branch_equals_original_with_grads():
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("kdim", [None, 6])
 def test_rewrite_exported_mha_dense_branch_equals_original(batch_first, kdim):
-    # kdim=6: separate q/k/v projection weights (key and value of query's length).
+    # kdim=6: separate q/k/v projection weights, key and value another input of query's length.
     model = SelfMHA(batch_first, kdim=kdim, vdim=kdim)
     shape = (3, N) if batch_first else (N, 3)
     inputs = (torch.randn(*shape, 8, dtype=D64),) + ((torch.randn(*shape, 6, dtype=D64),) * 2 if kdim else ())
     new, report = dilated_ops.rewrite_exported(torch.export.export(model, inputs), [N], [1])
+    if kdim:  # key and value from another input: cross-attention, refused whatever the shapes
+        assert not report.rewritten and report.refused[0].reason.startswith("cross-attention: the key is projected")
+        return
     assert len(report.rewritten) == 1 and not report.refused
     grads_equal(model, new, inputs)
 
@@ -187,16 +190,17 @@ def test_refusals():
     float_mask = type("M", (nn.Module,), {"forward": lambda s, q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m)})
     assert refused(float_mask(), (q, torch.randn(N, N, dtype=D64))) == [
         "a float attn_mask (an additive bias) is not supported by dilated attention (use is_causal=True)"]
+    # a boolean mask given as an input: its values are unknown, and it is no (batch, seq) padding
     assert refused(float_mask(), (q, torch.ones(N, N, dtype=torch.bool).tril())) == [
-        "a boolean attn_mask is not supported by dilated attention (only causal masking, declared with is_causal=True)"]
+        f"a boolean attn_mask built from input m of shape ({N}, {N}), not a (batch, seq) = (2, {N}) key padding mask"]
     k = torch.randn(2, 2, 8, 4, dtype=D64)
     (reason,) = refused(Sdpa(), (q, k, k))
-    assert reason.startswith("q, k, v must be 4-D (batch, heads, seq, head_dim) of one shape")
-    (reason,) = refused(Sdpa(enable_gqa=True), (torch.randn(2, 4, N, 4, dtype=D64), q, q))
-    assert reason == "enable_gqa=True is not supported"
+    assert reason.startswith(f"query length {N} differs from key length 8")
+    (reason,) = refused(Sdpa(enable_gqa=True), (torch.randn(2, 4, N, 4, dtype=D64), q, q), implementation="block_sparse")
+    assert reason == "enable_gqa=True is not supported by implementation 'block_sparse'"
     assert refused(Sdpa(dropout_p=0.5), (q,)) == ["dropout_p=0.5 in an exported program (export in eval mode)"]
     assert refused(SelfMHA(True, add_bias_kv=True), (torch.randn(2, N, 8, dtype=D64),))[0].startswith(
-        "q, k, v must be 4-D")
+        f"query length {N} differs from key length {N + 1}")
 
 
 def test_select_strict_and_argument_checks():
@@ -207,9 +211,25 @@ def test_select_strict_and_argument_checks():
     assert [(e.module_path, e.reason) for e in report.skipped] == [("blocks.0", "not chosen by select")]
     assert count(new, SDPA) == 1 and count(new, OP) == 1
     q = torch.randn(2, 2, N, 4, dtype=D64)
-    with pytest.raises(RewriteRefused, match="enable_gqa"):
-        dilated_ops.rewrite_exported(torch.export.export(Sdpa(enable_gqa=True), (q,)), [N], [1], strict=True)
+    with pytest.raises(RewriteRefused, match="dropout_p=0.5"):
+        dilated_ops.rewrite_exported(torch.export.export(Sdpa(dropout_p=0.5), (q,)), [N], [1], strict=True)
     with pytest.raises(TypeError, match="ep must be a torch.export.ExportedProgram: got GPT"):
         dilated_ops.rewrite_exported(model, [N], [1])
     with pytest.raises(ValueError, match="segment_lengths"):
         dilated_ops.rewrite_exported(ep, [N, 8], [1])
+
+
+def test_enable_gqa_and_a_padding_mask_are_rewritten_and_equal_sdpa():
+    """Issue 21: SDPA with enable_gqa=True (2 KV heads for 4 query heads) and a boolean
+    (batch, 1, 1, seq) padding mask built from a (batch, seq) input: one dense branch equals
+    SDPA at every query that sees a key."""
+    class Padded(nn.Module):
+        def forward(self, q, k, v, keep):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True)
+
+    q, k, v = torch.randn(2, 4, N, 4, dtype=D64), torch.randn(2, 2, N, 4, dtype=D64), torch.randn(2, 2, N, 4, dtype=D64)
+    keep = torch.rand(2, N) > 0.3
+    keep[:, 0] = True
+    new, report = dilated_ops.rewrite_exported(torch.export.export(Padded(), (q, k, v, keep)), [N], [1])
+    assert len(report.rewritten) == 1 and not report.refused and count(new, OP) == 1
+    torch.testing.assert_close(new.module()(q, k, v, keep), Padded()(q, k, v, keep), rtol=1e-10, atol=1e-10)

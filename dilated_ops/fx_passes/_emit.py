@@ -16,17 +16,19 @@ from .config import RewriteConfig
 
 
 def emit_op(graph: torch.fx.Graph, config: RewriteConfig, q, k, v, is_causal: bool, dropout_p: float,
-            scale=None) -> torch.fx.Node:
-    """The configured variant's op on q, k, v nodes (``(batch, seq, heads, head_dim)``), its
-    arguments from the variant's row (:meth:`dilated_ops.variants.Variant.bind`); returns the
-    ``out`` node."""
+            scale=None, key_padding_mask=None) -> torch.fx.Node:
+    """The configured variant's op on q, k, v nodes (``(batch, seq, heads, head_dim)``; k, v
+    with fewer heads for GQA), its arguments from the variant's row
+    (:meth:`dilated_ops.variants.Variant.bind`), ``key_padding_mask`` a bool ``(batch, seq)``
+    node (True = keep) or None; returns the ``out`` node."""
     variant = config.variant
     seed = None
     if dropout_p > 0.0:
         # As dilated_ops.dilated_attention does: a CPU int64 seed from the default generator.
         seed = graph.call_function(torch.randint, (0, 2**62, ()), {"dtype": torch.int64})
     args, kwargs = variant.bind(Call(q, k, v, config.segment_lengths, config.dilation_rates, config.mode,
-                                     bool(is_causal), scale, float(dropout_p), seed, config.options))
+                                     bool(is_causal), scale, float(dropout_p), seed, config.options,
+                                     key_padding_mask))
     pair = graph.call_function(variant.op.default, args, kwargs)
     return graph.call_function(operator.getitem, (pair, 0))
 

@@ -28,7 +28,7 @@ import torch.fx
 from .config import RewriteConfig
 from .refusals import exported_sdpa_problem
 from .report import Decider, RewriteReport
-from .sdpa import KIND, emit_transposed, sdpa_calls
+from .sdpa import KIND, emit_transposed, replace, sdpa_calls
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _TRANSPOSE = torch.ops.aten.transpose.int
@@ -57,13 +57,12 @@ def rewrite_graph(gm: torch.fx.GraphModule, decider: Decider) -> int:
     """Rewrites the SDPA nodes of an exported program's graph module in place."""
     graph, count = gm.graph, 0
     problem = lambda node, a: exported_sdpa_problem(a, _fake_mode(node) is not None)  # noqa: E731
-    for node, a in sdpa_calls(gm, (_SDPA,), decider, problem):
+    for node, a, p in sdpa_calls(gm, (_SDPA,), decider, problem):
         before = set(graph.nodes)
         with graph.inserting_before(node):
-            out = emit_transposed(graph, decider.config, a, 0.0, _TRANSPOSE)
+            out = emit_transposed(graph, decider.config, a, p, 0.0, _TRANSPOSE, torch.ops.aten.ne.Scalar)
         _fill_meta(graph, before, node, _fake_mode(node))
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
+        replace(node, out)
         decider.node_done(KIND, node)
         count += 1
     if count:

@@ -106,23 +106,19 @@ def weights_output_problem(node: torch.fx.Node) -> Optional[str]:
 
 # F.scaled_dot_product_attention ----------------------------------------------------------
 
-def mask_problem(mask) -> str:
-    """Why an ``attn_mask`` is refused (every mask is: the tensor's values are unknown here)."""
-    value = mask.meta.get("example_value", mask.meta.get("val")) if isinstance(mask, torch.fx.Node) else mask
-    if getattr(value, "dtype", None) == torch.bool:
-        return ("a boolean attn_mask is not supported by dilated attention (only causal masking, "
-                "declared with is_causal=True)")
-    return "a float attn_mask (an additive bias) is not supported by dilated attention (use is_causal=True)"
-
-
 def sdpa_problem(config: RewriteConfig, a: dict) -> Optional[str]:
-    """An SDPA call with bound arguments ``a`` (q, k, v ``(batch, heads, seq, head_dim)``)."""
-    if a["attn_mask"] is not None:
-        return mask_problem(a["attn_mask"])
-    if a["enable_gqa"]:
-        return "enable_gqa=True is not supported"
+    """An SDPA call with bound arguments ``a`` (q ``(batch, heads, seq, head_dim)``, k and v
+    with ``heads_kv`` heads): its scalar arguments and shapes. The mask, repeated K/V heads and
+    where q, k, v come from are read off the graph by :func:`.sdpa.plan`."""
+    variant = config.variant
+    if a["attn_mask"] is not None and not variant.masks:
+        return f"an attn_mask is not supported by implementation {variant.name!r}"
+    if a["enable_gqa"] and not variant.gqa:
+        return f"enable_gqa=True is not supported by implementation {variant.name!r}"
     if not isinstance(a["dropout_p"], (int, float)) or not isinstance(a["is_causal"], bool):
         return "dropout_p / is_causal are not Python constants"
+    if not isinstance(a["enable_gqa"], bool):
+        return "enable_gqa is not a Python constant"
     if a["scale"] is not None and not isinstance(a["scale"], float):
         return f"scale {a['scale']!r} is not a Python float"
     problem = dropout_problem(config, a["dropout_p"])
@@ -133,8 +129,14 @@ def sdpa_problem(config: RewriteConfig, a: dict) -> Optional[str]:
         return "q/k/v shapes unknown (no shape metadata; for a symbolic_trace graph pass example_inputs)"
     # Compared as text: SymInt sizes (dynamic shapes) are unhashable, and comparing them here
     # would add guards after Dynamo has installed its own.
-    if len(shapes[0]) != 4 or len({str(s) for s in shapes}) != 1:
-        return f"q, k, v must be 4-D (batch, heads, seq, head_dim) of one shape: got {shapes}"
+    q, k, v = ([str(x) for x in s] for s in shapes)
+    if len(q) != 4 or len(k) != 4 or k != v or q[0] != k[0] or q[3] != k[3]:
+        return f"q, k, v must be 4-D (batch, heads, seq, head_dim), k and v of one shape: got {shapes}"
+    if q[2] != k[2]:
+        return (f"query length {shapes[0][2]} differs from key length {shapes[1][2]} (cross-attention, or a "
+                "decode step against a cache): dilated attention needs them equal")
+    if q[1] != k[1] and not a["enable_gqa"]:
+        return f"q has {shapes[0][1]} heads and k, v {shapes[1][1]} without enable_gqa=True"
     return heads_problem(config, shapes[0][1]) if isinstance(shapes[0][1], int) else None
 
 

@@ -49,7 +49,9 @@ class RewriteReport:
             mine.extend(entry(e) for e in theirs)
 
 
-_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+# L['self'] (a module compiled as self), L['args'][0] or L['fn'] (torch.compile(model): the
+# model as an argument), G['...'] (a global module)
+_PREFIX = re.compile(r"^[LG]\['[^']*'\](\[\d+\])?\.?")
 
 
 def module_path(node: torch.fx.Node) -> str:
