@@ -48,10 +48,11 @@ def _clear_recorded_launches() -> None:
 
 CACHES: Dict[str, Cache] = {
     "kernels.segments.plan": Cache(
-        entries=lambda: segments.plan.cache_info().currsize,
+        # every dilated op call goes through gqa_plan (which fills plan): one entry per call shape
+        entries=lambda: segments.gqa_plan.cache_info().currsize,
         tensor_bytes=lambda: 0,  # Python tuples of BranchCall, no tensors
-        clear=segments.plan.cache_clear,
-        holds="attention launch plans per (heads, segment_lengths, dilation_rates, mode): Python data",
+        clear=lambda: (segments.gqa_plan.cache_clear(), segments.plan.cache_clear()),
+        holds="attention launch plans per (heads, heads_kv, segment_lengths, dilation_rates, mode): Python data",
     ),
     "kernels.block_sparse.layouts": Cache(
         entries=block_sparse.cache_entries,

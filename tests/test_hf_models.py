@@ -88,3 +88,16 @@ def test_bart_cross_attention_is_refused_at_equal_lengths():
     assert cross and all(e.reason.startswith("cross-attention") for e in cross), refused
     rewritten = [e.module_path for r in backend.reports for e in r.rewritten]
     assert "encoder.layers.0.self_attn" in rewritten and not any("encoder_attn" in p for p in rewritten)
+
+
+def test_eager_attention_warns_naming_attn_implementation_sdpa():
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg)
+    backend = dilated_ops.backend([8], [1], inner="aot_eager")
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match='attn_implementation="sdpa"'):
+        torch.compile(model, backend=backend, fullgraph=True)(input_ids=torch.randint(0, 97, (1, 8)))
+    assert not backend.report.rewritten and not backend.report.refused

@@ -6,6 +6,7 @@ inner backend; and the registered backend name ``"dilated"`` (config through
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, List, Optional, Union
 
 import torch
@@ -26,7 +27,20 @@ def rewrite(gm: torch.fx.GraphModule, *config, **options) -> RewriteReport:
     if changed:
         gm.graph.lint()
         gm.recompile()
-    return decider.report
+    report = decider.report
+    if not (report.rewritten or report.refused or report.skipped) and _has_softmax(gm):
+        warnings.warn("dilated_ops: this graph has a softmax but no attention call to rewrite (attention written "
+                      "as matmul + softmax?); for Hugging Face models load them with attn_implementation=\"sdpa\", "
+                      "or call F.scaled_dot_product_attention / nn.MultiheadAttention", stacklevel=2)
+    return report
+
+
+_SOFTMAX = ("softmax", "_softmax")
+
+
+def _has_softmax(gm: torch.fx.GraphModule) -> bool:
+    return any(n.op in ("call_function", "call_method") and getattr(n.target, "__name__", n.target) in _SOFTMAX
+               for n in gm.graph.nodes)
 
 
 class DilatedBackend:
