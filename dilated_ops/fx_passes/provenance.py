@@ -30,8 +30,8 @@ def _concrete(x) -> int:
     return int(x)
 
 
-def _ancestors(node: torch.fx.Node) -> List[torch.fx.Node]:
-    """``node`` and every node it depends on, in graph order."""
+def _walk(node: torch.fx.Node, stop=lambda n: False) -> Set[torch.fx.Node]:
+    """``node`` and the nodes it depends on, not walking past nodes where ``stop(n)``."""
     seen: Set[torch.fx.Node] = set()
     stack = [node]
     while stack:
@@ -39,7 +39,14 @@ def _ancestors(node: torch.fx.Node) -> List[torch.fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
+        if not stop(n):
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _ancestors(node: torch.fx.Node) -> List[torch.fx.Node]:
+    """``node`` and every node it depends on, in graph order."""
+    seen = _walk(node)
     return [n for n in node.graph.nodes if n in seen]
 
 
@@ -198,20 +205,10 @@ _LINEARS = {torch._C._nn.linear: 0, torch.nn.functional.linear: 0, torch.ops.ate
 
 def _projection_inputs(node: torch.fx.Node) -> Set[torch.fx.Node]:
     """The inputs of the nearest projections (linear layers) ``node`` is computed from."""
-    found: Set[torch.fx.Node] = set()
-    seen: Set[torch.fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "call_function" and n.target in _LINEARS:
-            arg = n.args[_LINEARS[n.target]]
-            found.add(_through_reshapes(arg))
-            continue
-        stack.extend(n.all_input_nodes)
-    return found
+    def is_projection(n):
+        return n.op == "call_function" and n.target in _LINEARS
+
+    return {_through_reshapes(n.args[_LINEARS[n.target]]) for n in _walk(node, is_projection) if is_projection(n)}
 
 
 _LAYOUT_METHODS = ("view", "reshape", "transpose", "permute", "contiguous")
