@@ -196,9 +196,13 @@ def pregathered(batches, is_causal=False):
     return [F.scaled_dot_product_attention(q, k, v, is_causal=is_causal) for q, k, v in batches]
 
 
-def dense(q, k, v, is_causal=False):
-    """Full SDPA over the whole sequence."""
-    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=is_causal).transpose(1, 2)
+def dense(q, k, v, is_causal=False, keep=None):
+    """Full SDPA over the whole sequence; k, v may have fewer heads (``enable_gqa``); ``keep``
+    ``(batch, seq)`` bool: a key padding mask (not with ``is_causal``: SDPA takes one or the other)."""
+    mask = None if keep is None else keep[:, None, None, :]
+    gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                          is_causal=is_causal, **gqa).transpose(1, 2)
 
 
 # Profiles.

@@ -239,3 +239,52 @@ def test_bad_bench_arguments_exit_2(argv, needle, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and "usage: dilated-ops bench" in err
+
+
+@pytest.mark.parametrize("extra, inputs", [
+    (["--kv-heads", "1"], "GQA 2:1"),
+    (["--padding", "0.25"], "last 0.25 of keys padded"),
+    (["--documents", "4"], "4 packed documents"),
+])
+def test_gqa_padding_and_documents_reach_the_op(extra, inputs, tmp_path, monkeypatch):
+    """--kv-heads, --padding, --documents: the dilated rows' kernels get K/V of that many heads,
+    the padding mask or one call per document; rows that take none of them say so."""
+    from dilated_ops.kernels import packed
+    from dilated_ops.registrations import dilated_attention as reg
+    seen = []
+
+    def spy(real):
+        def forward(q, k, v, *args):
+            seen.append((q.shape[1], k.shape[2], args[-1] if len(args) >= 11 else None))
+            return real(q, k, v, *args)
+        return forward
+    for mod in (reg, packed):
+        monkeypatch.setattr(mod, "dilated_attention_forward", spy(mod.dilated_attention_forward))
+    assert main(TINY + ["--seq-lens", "64", "--impls", "dilated-standard,naive,dense", "--out-dir", str(tmp_path)]
+                + extra) == 0
+    rows = _csv(tmp_path)
+    assert all(r["inputs"] == inputs for r in rows)
+    notes = {r["impl"]: r["note"] for r in rows}
+    assert notes["naive"] == "skipped: naive takes no GQA, padding or packed documents"
+    assert all(float(r["median_ms"]) > 0 for r in rows if r["impl"] == "dilated-standard")
+    assert (notes["dense"] == "skipped: dense takes no packed documents") == (extra[0] == "--documents")
+    assert seen
+    if extra[0] == "--kv-heads":
+        assert {(n, kv) for n, kv, _ in seen} == {(64, 1)}
+    if extra[0] == "--padding":
+        masks = [m for _, _, m in seen]
+        assert all(m is not None and m.sum().item() == 48 and m[:, 48:].sum() == 0 for m in masks)
+    if extra[0] == "--documents":
+        assert {n for n, _, _ in seen} == {16}  # every call is one 16-token document (equal runs batched)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--kv-heads", "3"], "kv_heads must divide heads (2): got 3"),
+    (["--padding", "1.5"], "padding must be a fraction in [0, 1): got 1.5"),
+    (["--documents", "3", "--seq-lens", "64"], "documents (3) must divide every seq_len: got seq_lens [64]"),
+])
+def test_bad_input_options_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err

@@ -137,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "longnet, ring or ulysses")
     bench.add_argument("--layout", default="contiguous",
                        help="ring rows (dilated-ring, under torchrun): the shards, contiguous or zigzag")
+    bench.add_argument("--kv-heads", type=int, default=None,
+                       help="grouped-query attention: K/V heads, a divisor of --heads (default: --heads); "
+                            "rows of variants without GQA are skipped, dense runs SDPA with enable_gqa")
+    bench.add_argument("--padding", type=float, default=0.0,
+                       help="fraction of each sequence's last keys masked as padding (key_padding_mask); "
+                            "rows of variants without masks are skipped, dense runs SDPA with the boolean mask")
+    bench.add_argument("--documents", type=int, default=1,
+                       help="packed sequences: each sequence is this many equal documents (cu_seqlens, "
+                            "through dilated_ops.dilated_attention); only dilated rows with masks run")
     bench.add_argument("--dense-max", type=int, default=65536,
                        help="largest seq_len timed with dense SDPA (0: no dense rows)")
     bench.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 20 CUDA, 5 CPU")

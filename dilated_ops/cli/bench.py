@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import _bench, _checks, modules, sequence_parallel, variants
+from .. import _bench, _checks, functional, modules, sequence_parallel, variants
 from .._progress import Progress
 from ..config import SparsePatternConfig
 from ..kernels import block_sparse, distributed
@@ -38,7 +38,7 @@ from ._paths import check_out_dir, makedirs
 COLUMNS = ["seq_len", "impl", "pass", "median_ms", "useful_tflops", "peak_mib", "note", "mode", "compile",
            "fwd_p10_ms", "fwd_p50_ms", "fwd_p90_ms", "fwd_gpu_ms",
            "device", "dtype", "torch", "triton", "date", "batch", "heads", "head_dim", "segment_lengths",
-           "dilation_rates", "causal", "repeats", "warmup", "world_size"]
+           "dilation_rates", "causal", "repeats", "warmup", "world_size", "inputs"]
 PASSES = ("fwd", "fwd+bwd")
 MODES = ("groups", "longnet")
 BASELINES = ("pregathered", "naive")
@@ -103,12 +103,21 @@ def validate(args) -> None:
     sequence_parallel.check_layout(args.layout)
     for mode in args.modes:
         _checks.check_mode(mode)
-    for name in ("heads", "head_dim", "batch", "repeats", "warmup", "dense_max"):
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    for name in ("heads", "head_dim", "batch", "repeats", "warmup", "dense_max", "kv_heads", "documents"):
         value = getattr(args, name)
         if name in ("warmup", "dense_max") and value == 0:
             continue
         _checks.check_positive_int(name, value)
     _checks.check_int_list("seq_lens", args.seq_lens)
+    if args.heads % args.kv_heads:
+        raise ValueError(f"kv_heads must divide heads ({args.heads}): got {args.kv_heads}")
+    if not 0.0 <= args.padding < 1.0:
+        raise ValueError(f"padding must be a fraction in [0, 1): got {args.padding}")
+    bad = [n for n in args.seq_lens if n % args.documents]
+    if bad:
+        raise ValueError(f"documents ({args.documents}) must divide every seq_len: got seq_lens {bad}")
     if "groups" in args.modes:
         _checks.check_num_groups(args.heads, len(args.segment_lengths))
     unknown = [i for i in args.impls if canonical_impl(i) is None]
@@ -152,8 +161,34 @@ def _jobs(args) -> List[Tuple[int, str, str, Optional[str]]]:
 
 def _inputs(n, args, dtype):
     torch.manual_seed(0)
-    return [torch.randn(args.batch, n, args.heads, args.head_dim, device=args.device, dtype=dtype,
-                        requires_grad=True) for _ in range(3)]
+    return [torch.randn(args.batch, n, h, args.head_dim, device=args.device, dtype=dtype, requires_grad=True)
+            for h in (args.heads, args.kv_heads, args.kv_heads)]
+
+
+def _extras(args) -> bool:
+    """Whether the inputs carry grouped-query K/V, padding or packed documents."""
+    return args.kv_heads != args.heads or args.padding > 0 or args.documents > 1
+
+
+def _keep(n, args) -> Optional[torch.Tensor]:
+    """``--padding``: every sequence's last keys masked (True = keep), or None."""
+    if not args.padding:
+        return None
+    return (torch.arange(n, device=args.device) < n - round(args.padding * n)).expand(args.batch, n)
+
+
+def _cu_seqlens(n, args) -> Optional[torch.Tensor]:
+    """``--documents``: equal documents' boundaries, or None."""
+    if args.documents == 1:
+        return None
+    return torch.arange(0, n + 1, n // args.documents, device=args.device, dtype=torch.int32)
+
+
+def _extras_label(args) -> str:
+    parts = [f"GQA {args.heads}:{args.kv_heads}" if args.kv_heads != args.heads else "",
+             f"last {args.padding:g} of keys padded" if args.padding else "",
+             f"{args.documents} packed documents" if args.documents > 1 else ""]
+    return ", ".join(p for p in parts if p)
 
 
 def _callable(n, impl, mode, compile_mode, args, dtype):
@@ -165,7 +200,9 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
     ranks = max(_world(args), 1) if variant is not None and variant.process_group else 1
     q, k, v = _inputs(n // ranks, args, dtype)  # a process-group row: this rank's shard
     if impl == DENSE:
-        return (lambda: [_bench.dense(q, k, v, causal)]), (q, k, v), _bench.dense_flops(n, h, d, causal)
+        keep = _keep(n, args)
+        return ((lambda: [_bench.dense(q, k, v, causal, keep)]), (q, k, v),
+                _bench.dense_flops(n, h, d, causal))
     flops = _bench.useful_flops(n, h, d, segs, rates, mode, causal)
     if impl == "naive":
         return (lambda: [_bench.naive(q, k, v, segs, rates, causal)]), (q, k, v), flops
@@ -194,7 +231,14 @@ def _callable(n, impl, mode, compile_mode, args, dtype):
         options["layout"] = args.layout
     module = getattr(modules, variant.module)(segs, rates, mode=mode if mode in MODES else "groups", **options)
 
+    keep, cu_seqlens = _keep(n, args), _cu_seqlens(n, args)
+
     def call(q, k, v):
+        if cu_seqlens is not None:  # the modules take no cu_seqlens: the function, on the row's op arguments
+            return functional.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=causal,
+                                                key_padding_mask=keep, cu_seqlens=cu_seqlens, **variant.op_kwargs)
+        if keep is not None:
+            return module(q, k, v, is_causal=causal, key_padding_mask=keep)
         return module(q, k, v, is_causal=causal)
     if compile_mode:
         # A fresh Dynamo cache per row: every row compiles the same function, and after a few
@@ -248,6 +292,15 @@ def _why_not_timed(n, impl, mode, args, dtype, timed_calls) -> Optional[str]:
         return f"{NOT_HERE}: a one-process row (under torchrun only the process-group rows run)"
     if world > 1 and n % world:
         return f"skipped: seq_len {n} is not divisible by the {world} ranks"
+    if _extras(args):
+        if variant is not None and (not variant.masks if args.padding or args.documents > 1 else not variant.gqa):
+            return f"skipped: {variant.name} takes no {'masks' if args.padding or args.documents > 1 else 'GQA'}"
+        if variant is None and impl != DENSE:
+            return f"skipped: {impl} takes no GQA, padding or packed documents"
+        if impl == DENSE and args.documents > 1:
+            return "skipped: dense takes no packed documents"
+        if impl == DENSE and args.padding and args.causal:
+            return "skipped: dense SDPA takes a padding mask or is_causal, not both"
     if variant is not None:
         device_type = torch.device(args.device).type
         if dtype not in variant.dtypes(device_type):
@@ -404,14 +457,16 @@ def run(args, out=None) -> dict:
             "heads": args.heads, "head_dim": args.head_dim,
             "segment_lengths": " ".join(map(str, args.segment_lengths)),
             "dilation_rates": " ".join(map(str, args.dilation_rates)), "causal": args.causal,
-            "repeats": args.repeats, "warmup": args.warmup, "world_size": args.world_size or 1}
+            "repeats": args.repeats, "warmup": args.warmup, "world_size": args.world_size or 1,
+            "inputs": _extras_label(args)}
     if args.world_size:
         say(f"under torchrun: {args.world_size} ranks ({torch.distributed.get_backend()}); seq_len is the whole "
             "sequence, each rank holds seq_len / ranks; times and peak memory: the largest over the ranks; "
             "TF/s: per rank")
     say(f"dilated_ops bench: {meta['device']}, torch {meta['torch']}, Triton {meta['triton'] or 'none'}, "
         f"{args.dtype}, batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, segment_lengths "
-        f"{args.segment_lengths}, dilation_rates {args.dilation_rates}, modes {args.modes}, causal {args.causal}")
+        f"{args.segment_lengths}, dilation_rates {args.dilation_rates}, modes {args.modes}, causal {args.causal}"
+        + (f"; inputs: {_extras_label(args)}" if _extras(args) else ""))
     say(f"median of {args.repeats} runs after {args.warmup} warm-up runs "
         + ("(CUDA events); peak = max allocated in one forward+backward, inputs included"
            if cuda else "(time.perf_counter); no peak memory on CPU")
