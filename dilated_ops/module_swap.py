@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import modules
+from . import modules, variants
 from .attention_block import attention_block, packed_in_projection
 from .fx_passes import Decider, RewriteConfig, RewriteReport, rewrite_graph
 from .fx_passes.refusals import mha_call_problem, mha_module_problem
@@ -28,8 +28,9 @@ class ConvertedMultiheadAttention(nn.Module):
     """What :func:`convert` puts in place of an ``nn.MultiheadAttention``: the same
     Parameters (the very objects, under the same names, so ``state_dict`` keys are unchanged),
     dilated attention in between. ``forward`` takes ``nn.MultiheadAttention``'s arguments and
-    returns ``(output, None)``; ``need_weights=True`` (MHA's default), ``key_padding_mask``, an
-    ``attn_mask`` without ``is_causal=True`` (the mask is then taken to be the causal one, as
+    returns ``(output, None)``; a bool ``key_padding_mask`` (True = padding) hides those keys
+    (a row with every key padded gets zeros); ``need_weights=True`` (MHA's default), a float
+    ``key_padding_mask``, an ``attn_mask`` without ``is_causal=True`` (the mask is then taken to be the causal one, as
     PyTorch's hint says) raise ValueError naming the module. key and value must have query's
     length and batch (self-attention, or cross-attention of the same length; ``kdim``/``vdim``
     other than ``embed_dim``, i.e. MHA's separate ``q/k/v_proj_weight``, are supported).
@@ -69,7 +70,8 @@ class ConvertedMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None,
                 average_attn_weights: bool = True, is_causal: bool = False) -> Tuple[Tensor, None]:
-        problem = mha_call_problem(need_weights, key_padding_mask, attn_mask, is_causal)
+        problem = mha_call_problem(variants.VARIANTS[self.implementation], need_weights, key_padding_mask,
+                                   attn_mask, is_causal)
         if problem:
             raise self._refuse(problem)
         if key.shape[:-1] != query.shape[:-1] or value.shape[:-1] != query.shape[:-1]:
@@ -81,11 +83,15 @@ class ConvertedMultiheadAttention(nn.Module):
                 query = key = value = query.unsqueeze(1)
             else:
                 query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+        keep = None
+        if key_padding_mask is not None:  # MHA's (batch, seq), True = padding; the op's True = keep
+            keep = ~(key_padding_mask.unsqueeze(0) if unbatched else key_padding_mask)
         separate = None if self.packed else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         out = attention_block(
             query, key, value,
             lambda q, k, v: packed_in_projection(q, k, v, self.in_proj_weight, self.in_proj_bias, separate),
-            lambda q, k, v: self.attention(q, k, v, is_causal=is_causal), self.out_proj, self.num_heads, self.head_dim, seq_first=unbatched or not self.batch_first)
+            lambda q, k, v: self.attention(q, k, v, is_causal=is_causal, key_padding_mask=keep), self.out_proj,
+            self.num_heads, self.head_dim, seq_first=unbatched or not self.batch_first)
         return (out.squeeze(1) if unbatched else out), None
 
     def extra_repr(self) -> str:
@@ -115,7 +121,7 @@ def convert(model: nn.Module, *config, **options) -> Tuple[nn.Module, RewriteRep
     :class:`~dilated_ops.fx_passes.RewriteRefused`): ``add_bias_kv``, ``add_zero_attn``, fewer
     heads than dilation groups in "groups" mode. Packed ``in_proj_weight`` and separate
     ``q/k/v_proj_weight`` (MHA uses them when ``kdim``/``vdim`` differ from ``embed_dim``) are
-    both supported. What only the call shows (``need_weights=True``, ``key_padding_mask``, a mask
+    both supported. What only the call shows (``need_weights=True``, a float ``key_padding_mask``, a mask
     not declared causal) raises ValueError at forward.
     """
     return swap_modules(model, Decider(RewriteConfig.of(*config, **options)))

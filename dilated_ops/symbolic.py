@@ -25,14 +25,14 @@ from .module_swap import KIND, ConvertedMultiheadAttention, mha_problem, swap_mo
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
-def _call_problem(node: torch.fx.Node) -> Optional[str]:
+def _call_problem(config: RewriteConfig, node: torch.fx.Node) -> Optional[str]:
     try:
         bound = _SIGNATURE.bind(None, *node.args, **node.kwargs)
     except TypeError as err:
         return f"arguments do not bind: {err}"
     bound.apply_defaults()
     a = bound.arguments
-    return (mha_call_problem(a["need_weights"], a["key_padding_mask"], a["attn_mask"], a["is_causal"])
+    return (mha_call_problem(config.variant, a["need_weights"], a["key_padding_mask"], a["attn_mask"], a["is_causal"])
             or weights_output_problem(node))
 
 
@@ -79,7 +79,7 @@ def rewrite_symbolic(gm: torch.fx.GraphModule, *config, example_inputs: Optional
     swapped as :func:`dilated_ops.convert` does, listed under their full path with the leaf's
     node. A module is swapped when every call of it can be: refused (listed with the reason, the
     module and all its calls kept; ``strict=True`` raises) are ``need_weights`` not ``False``
-    (MHA's default is True), ``key_padding_mask``, an ``attn_mask`` without ``is_causal=True``, a
+    (MHA's default is True), a float ``key_padding_mask``, an ``attn_mask`` without ``is_causal=True``, a
     use of the weights output, and what :func:`dilated_ops.convert` refuses (``add_bias_kv``,
     ``add_zero_attn``, too few heads). Key and value of another length than the query (unknown
     when tracing) raise ValueError at forward.
@@ -93,7 +93,7 @@ def rewrite_symbolic(gm: torch.fx.GraphModule, *config, example_inputs: Optional
             calls.setdefault(node.target, []).append(node)
     for path, nodes in calls.items():
         mha = gm.get_submodule(path)
-        problems = {n.name: mha_problem(mha, decider.config) or _call_problem(n) for n in nodes}
+        problems = {n.name: mha_problem(mha, decider.config) or _call_problem(decider.config, n) for n in nodes}
         if not all([decider.selected(KIND, path, n.name) for n in nodes]):  # each unselected call listed
             continue
         if any(problems.values()):

@@ -224,12 +224,54 @@ def test_refused_need_weights():
         "need_weights=True (MHA's default): dilated attention returns no attention weights; pass need_weights=False"]
 
 
-def test_refused_key_padding_mask():
+def padding_mask(b=2, n=N):
+    """MHA's convention (True = padding): the last keys of the second row, none of the first's."""
+    kpm = torch.zeros(b, n, dtype=torch.bool)
+    kpm[1, -3:] = True
+    return kpm
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_key_padding_mask_is_rewritten_and_equal(batch_first, causal):
+    """A bool key_padding_mask (MHA turns it into a float one before F.multi_head_attention_forward:
+    the rewrite reads the bool one back), alone and with the causal mask."""
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, dtype=D64)
+
+        def forward(self, x, kpm):
+            mask = torch.ones(x.shape[1 if batch_first else 0], x.shape[1 if batch_first else 0],
+                              dtype=torch.bool).triu(1) if causal else None
+            return self.attn(x, x, x, key_padding_mask=kpm, need_weights=False, attn_mask=mask, is_causal=causal)[0]
+
+    x = x64(2, N, 8) if batch_first else x64(N, 2, 8)
+    be = dense()
+    check_same(Padded(), (x, padding_mask()), be)
+    assert [e.module_path for e in be.report.rewritten] == ["attn"] and not be.report.refused
+
+
+def test_mha_key_padding_mask_takes_effect_under_dilation():
+    """Not dense-equivalent: changing the hidden states at padded positions changes no other
+    position's output (the padded keys are hidden), and the compiled output differs from MHA's."""
+    m, x, kpm = mha(), x64(2, N, 8), padding_mask()
+    be = dilated_ops.backend([N // 2, N], [1, 2], inner="aot_eager")
+    g = torch.compile(lambda x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], backend=be, fullgraph=True)
+    y = x.clone()
+    y[1, -3:] += 1.0
+    a, b = g(x), g(y)
+    assert be.report.rewritten
+    torch.testing.assert_close(a[:, :-3], b[:, :-3], rtol=1e-12, atol=1e-12)
+    assert (a - m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]).abs().max() > 1e-3
+
+
+def test_refused_float_key_padding_mask():
     x = x64(2, N, 8)
-    kpm = torch.zeros(2, N, dtype=torch.bool)
-    kpm[:, -2:] = True
+    kpm = torch.zeros(2, N, dtype=D64)
+    kpm[:, -2:] = -1.5
     assert run_refused(mha(), x, x, x, key_padding_mask=kpm, need_weights=False) == [
-        "key_padding_mask is not supported by dilated attention"]
+        "a torch.float64 key_padding_mask (added to the scores) is not supported: pass a bool mask (True = padding)"]
 
 
 def test_refused_float_attn_mask():

@@ -151,8 +151,8 @@ def test_forward_refusals_name_the_module():
     attn, x = model["attn"], torch.randn(N, 2, 8)
     with pytest.raises(ValueError, match="'attn'.*need_weights=True"):
         attn(x, x, x)
-    with pytest.raises(ValueError, match="'attn'.*key_padding_mask"):
-        attn(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, N, dtype=torch.bool))
+    with pytest.raises(ValueError, match="'attn'.*a torch.float32 key_padding_mask .*pass a bool mask"):
+        attn(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, N))
     with pytest.raises(ValueError, match="'attn'.*attn_mask without is_causal"):
         attn(x, x, x, need_weights=False, attn_mask=torch.zeros(N, N))
     with pytest.raises(ValueError, match="'attn'.*another length"):
@@ -225,3 +225,26 @@ def test_functional_sdpa_is_rewritten_too():
     torch.testing.assert_close(ep.module()(q), F.scaled_dot_product_attention(q, q, q), rtol=1e-10, atol=1e-10)
     with pytest.raises(RewriteRefused, match="float attn_mask"):
         dilated_ops.export(Sdpa(), (q, x64(N, N)), segment_lengths=[N], dilation_rates=[1], strict=True)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_key_padding_mask_equals_mha(batched):
+    """A bool key_padding_mask (True = padding, MHA's convention), batched and unbatched, with and
+    without the causal mask: output and gradients equal nn.MultiheadAttention's (one dense branch)."""
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    converted, _ = dilated_ops.convert(copy.deepcopy(mha), [N], [1])
+    x = torch.randn(2, N, 8, dtype=torch.float64) if batched else torch.randn(N, 8, dtype=torch.float64)
+    kpm = torch.zeros(2, N, dtype=torch.bool) if batched else torch.zeros(N, dtype=torch.bool)
+    kpm[..., -3:] = True
+    if batched:
+        kpm[0] = False
+    for causal in (False, True):
+        mask = torch.ones(N, N, dtype=torch.bool).triu(1) if causal else None
+        kw = dict(key_padding_mask=kpm, need_weights=False, attn_mask=mask, is_causal=causal)
+        want, got = mha(x, x, x, **kw)[0], converted(x, x, x, **kw)[0]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(want)
+        dw = torch.autograd.grad(want, mha.in_proj_weight, g)[0]
+        dg = torch.autograd.grad(got, converted.in_proj_weight, g)[0]
+        torch.testing.assert_close(dg, dw, rtol=1e-10, atol=1e-10)

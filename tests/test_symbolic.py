@@ -100,8 +100,6 @@ class Calls(nn.Module):
 
 @pytest.mark.parametrize("call,kw,reason", [
     (lambda m, x: m(x, x, x)[0], {}, "need_weights=True (MHA's default): dilated attention returns no attention weights; pass need_weights=False"),
-    (lambda m, x: m(x, x, x, need_weights=False, key_padding_mask=x[..., 0] > 0)[0], {},
-     "key_padding_mask is not supported by dilated attention"),
     (lambda m, x: m(x, x, x, need_weights=False, attn_mask=x[0, :, :1] * x[0, :, :1].T)[0], {},
      "attn_mask without is_causal=True (an arbitrary mask) is not supported"),
     (lambda m, x: m(x, x, x, need_weights=False)[1], {}, "the attention weights output is used"),
@@ -226,3 +224,14 @@ def test_leaf_swaps_follow_select_and_dilated_config_differs_from_dense():
     x = x64(2, N, 8)
     torch.testing.assert_close(gm(x), converted(x), rtol=1e-10, atol=1e-10)
     assert (gm(x) - model(x)).abs().max() > 1e-3
+
+
+def test_key_padding_mask_is_converted_and_equal():
+    """A bool key_padding_mask passes to the converted module (True = padding, MHA's convention)."""
+    kpm = torch.zeros(2, N, dtype=torch.bool)
+    kpm[1, -3:] = True
+    model = Calls(lambda m, x: m(x, x, x, need_weights=False, key_padding_mask=kpm)[0])
+    gm, report = traced_and_rewritten(model)
+    assert [e.module_path for e in report.rewritten] == ["attn"] and not report.refused
+    x = torch.randn(2, N, 8, dtype=D64)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-10, atol=1e-10)

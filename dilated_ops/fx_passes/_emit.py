@@ -36,7 +36,8 @@ def emit_op(graph: torch.fx.Graph, config: RewriteConfig, q, k, v, is_causal: bo
 def emit_block(graph: torch.fx.Graph, config: RewriteConfig, inputs: Dict[str, object],
                block: Callable[..., Proxy], is_causal: bool, dropout_p: float) -> torch.fx.Node:
     """Runs ``block(attend, **proxies)`` with ``inputs`` (names -> nodes or constants) as
-    proxies, ``attend`` emitting the op; the nodes go in at the graph's insert point. Returns
+    proxies, ``attend(q, k, v, key_padding_mask=None)`` emitting the op (the mask a bool proxy,
+    True = keep); the nodes go in at the graph's insert point. Returns
     the block's output node. ``block`` calls :func:`attention_block`."""
     tracer = GraphAppendingTracer(graph)
     proxies: Dict[torch.fx.Node, Proxy] = {}  # one proxy per node: `query is key` stays true
@@ -46,8 +47,10 @@ def emit_block(graph: torch.fx.Graph, config: RewriteConfig, inputs: Dict[str, o
             return proxies.setdefault(x, Proxy(x, tracer))
         return x
 
-    def attend(q, k, v):
-        return Proxy(emit_op(graph, config, q.node, k.node, v.node, is_causal, dropout_p), tracer)
+    def attend(q, k, v, key_padding_mask=None):
+        keep = None if key_padding_mask is None else key_padding_mask.node
+        return Proxy(emit_op(graph, config, q.node, k.node, v.node, is_causal, dropout_p, key_padding_mask=keep),
+                     tracer)
 
     out = block(attend, **{name: wrap(x) for name, x in inputs.items()})
     return out.node

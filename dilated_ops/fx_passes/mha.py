@@ -4,7 +4,8 @@ block (in-projection, the configured variant's op, out-projection) on the call's
 
 Supported: self-attention (query, key and value one node), sequence-first 3-D input (what the
 call receives for batch_first modules too), packed ``in_proj_weight`` or separate
-``q/k/v_proj_weight``, biases or none, ``is_causal=True`` (its mask is taken to be the causal one,
+``q/k/v_proj_weight``, biases or none, a bool ``key_padding_mask`` (``(batch, seq)``, True =
+padding, as MHA takes it), ``is_causal=True`` (its mask is taken to be the causal one,
 as PyTorch's hint says), dropout (``dropout_p`` passed to the op when ``training``; the draws
 differ from PyTorch's). Refused, left untouched and reported:
 :func:`.refusals.mha_functional_problem`.
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from ..attention_block import attention_block, packed_in_projection
 from ._emit import emit_block
+from .provenance import bool_padding
 from .refusals import mha_functional_problem
 from .report import Decider
 
@@ -35,15 +37,16 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, a: dict, decider: Decid
     h = a["num_heads"]
     d = a["embed_dim_to_check"] // h
 
-    def block(attend, x, in_w, in_b, q_w, k_w, v_w, out_w, out_b):
+    def block(attend, x, in_w, in_b, q_w, k_w, v_w, out_w, out_b, padding):
         separate = (q_w, k_w, v_w) if a["use_separate_proj_weight"] else None
+        keep = None if padding is None else ~padding  # MHA's True = padding; the op's True = keep
         return attention_block(
-            x, x, x, lambda q, k, v: packed_in_projection(q, k, v, in_w, in_b, separate), attend,
-            lambda y: F.linear(y, out_w, out_b), h, d, seq_first=True)
+            x, x, x, lambda q, k, v: packed_in_projection(q, k, v, in_w, in_b, separate),
+            lambda q, k, v: attend(q, k, v, keep), lambda y: F.linear(y, out_w, out_b), h, d, seq_first=True)
 
     inputs = {"x": a["query"], "in_w": a["in_proj_weight"], "in_b": a["in_proj_bias"], "q_w": a["q_proj_weight"],
               "k_w": a["k_proj_weight"], "v_w": a["v_proj_weight"], "out_w": a["out_proj_weight"],
-              "out_b": a["out_proj_bias"]}
+              "out_b": a["out_proj_bias"], "padding": bool_padding(a["key_padding_mask"])}
     dropout_p = float(a["dropout_p"]) if a["training"] else 0.0
     with graph.inserting_before(node):
         out = emit_block(graph, decider.config, inputs, block, a["is_causal"], dropout_p)

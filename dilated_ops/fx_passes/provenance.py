@@ -1,6 +1,7 @@
 """Where an attention call's inputs come from, read off the graph (issue 21): what a boolean
 ``attn_mask`` is (:func:`explain_mask`), K/V heads repeated for grouped-query attention
-(:func:`unrepeated_kv`), and whether q, k, v are projections of the same hidden states
+(:func:`unrepeated_kv`), the bool key padding mask behind ``nn.MultiheadAttention``'s float one
+(:func:`bool_padding`), and whether q, k, v are projections of the same hidden states
 (:func:`cross_attention_problem`). Works on Dynamo graphs (torch functions and methods) and on
 exported ATen graphs alike.
 """
@@ -158,6 +159,28 @@ def _probe_module(gm: torch.fx.GraphModule, nodes: List[torch.fx.Node], mask: to
 # K/V heads repeated for grouped-query attention ---------------------------------------------
 
 _UNSQUEEZE_2 = (slice(None), slice(None), None, slice(None), slice(None))
+
+
+def _fill_target(node) -> bool:
+    return (node.op == "call_method" and node.target in ("masked_fill_", "masked_fill")) or (
+        node.op == "call_function" and node.target in (torch.masked_fill, torch.Tensor.masked_fill_,
+                                                       torch.Tensor.masked_fill))
+
+
+def bool_padding(node):
+    """``nn.MultiheadAttention`` turns a bool ``key_padding_mask`` into a float one before
+    ``F.multi_head_attention_forward`` (``F._canonical_mask``: zeros with ``-inf`` where True):
+    for such a node, the bool mask it was made of; ``node`` itself otherwise (a bool mask
+    passed as it is, or a float mask of other making)."""
+    if not isinstance(node, torch.fx.Node) or not _fill_target(node) or len(node.args) != 3:
+        return node
+    base, where, fill = node.args
+    if not (isinstance(fill, float) and fill == float("-inf") and isinstance(base, torch.fx.Node)
+            and isinstance(where, torch.fx.Node)):
+        return node
+    zeros = base.op == "call_function" and base.target in (torch.zeros_like, torch.ops.aten.zeros_like.default)
+    kept = getattr(_value(where), "dtype", None) == torch.bool
+    return where if zeros and base.args and base.args[0] is where and kept else node
 
 
 def _is_getitem_none_at_2(node) -> bool:

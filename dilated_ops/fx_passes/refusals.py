@@ -12,6 +12,7 @@ import torch
 import torch.fx
 
 from .config import RewriteConfig
+from .provenance import bool_padding
 
 
 def example_shape(arg) -> Optional[tuple]:
@@ -50,15 +51,28 @@ def mha_module_problem(config: RewriteConfig, num_heads, bias_k, bias_v, add_zer
     return dropout_problem(config, dropout) or heads_problem(config, num_heads)
 
 
-def mha_call_problem(need_weights, key_padding_mask, attn_mask, is_causal) -> Optional[str]:
+def _dtype(value) -> Optional[torch.dtype]:
+    """A tensor's dtype, or the one recorded on an FX node; None when unknown."""
+    if isinstance(value, torch.fx.Node):
+        value = value.meta.get("example_value", value.meta.get("val"))
+    return getattr(value, "dtype", None)
+
+
+def mha_call_problem(variant, need_weights, key_padding_mask, attn_mask, is_causal) -> Optional[str]:
     """What one call of an ``nn.MultiheadAttention`` asks for that dilated attention does not
     do. An ``attn_mask`` with ``is_causal=True`` is taken to be the causal mask, as PyTorch's
-    hint says."""
+    hint says. A bool ``key_padding_mask`` (True = padding) is taken where ``variant``'s row (of
+    :data:`dilated_ops.variants.VARIANTS`) has masks; a float one (added to the scores) is refused."""
     if need_weights is not False:
         return ("need_weights=True (MHA's default): dilated attention returns no attention weights; "
                 "pass need_weights=False")
     if key_padding_mask is not None:
-        return "key_padding_mask is not supported by dilated attention"
+        if not variant.masks:
+            return f"key_padding_mask is not supported by implementation {variant.name!r}"
+        dtype = _dtype(key_padding_mask)
+        if dtype is not None and dtype != torch.bool:
+            return (f"a {dtype} key_padding_mask (added to the scores) is not supported: pass a bool mask "
+                    "(True = padding)")
     if not isinstance(is_causal, bool):
         return f"is_causal {is_causal!r} is not a Python bool"
     if attn_mask is not None and not is_causal:
@@ -75,7 +89,8 @@ def static_heads_problem(embed_dim, num_heads) -> Optional[str]:
 def mha_functional_problem(config: RewriteConfig, a: dict, node: torch.fx.Node) -> Optional[str]:
     """A ``F.multi_head_attention_forward`` node with bound arguments ``a`` (Dynamo graphs)."""
     return (
-        mha_call_problem(a["need_weights"], a["key_padding_mask"], a["attn_mask"], a["is_causal"])
+        mha_call_problem(config.variant, a["need_weights"], bool_padding(a["key_padding_mask"]), a["attn_mask"],
+                         a["is_causal"])
         or ("static_k/static_v are not supported" if a["static_k"] is not None or a["static_v"] is not None else None)
         or (None if a["query"] is a["key"] is a["value"] else "cross-attention (key/value not the query) is not supported")
         or _three_d_problem(a["query"])
