@@ -108,6 +108,7 @@ def block_sparse_attention(
     segment_lengths: Sequence[int] = (),
     dilation_rates: Sequence[int] = (),
     block_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Block-sparse attention (SPEC section 4): the sequence cut into blocks of
     ``pattern.block_size`` tokens, query block ``i`` reading the key blocks its layout marks,
@@ -121,7 +122,8 @@ def block_sparse_attention(
 
     Args:
         q, k, v: ``(batch, seq, heads, head_dim)``, one dtype and device; the last block may be
-            partial.
+            partial. k and v may have ``heads_kv`` heads, a divisor of q's (grouped-query
+            attention: query head ``j`` reads KV head ``j // (heads / heads_kv)``).
         pattern: a :class:`~dilated_ops.SparsePatternConfig` (default: its defaults,
             ``dilated_sparse``); ``pattern_type="mask"`` reads ``block_mask``.
         is_causal: drop key blocks after the query block and keys after the query inside it.
@@ -130,6 +132,8 @@ def block_sparse_attention(
             ``w // block_size`` blocks long).
         block_mask: bool ``(heads or 1, nb, nb)``, ``nb = ceil(seq / block_size)``, for
             ``pattern_type="mask"``.
+        key_padding_mask: ``(batch, seq)`` bool, True = keep the key (a tokenizer's
+            ``attention_mask.bool()``); a query that sees no key gets 0 and zero gradients.
 
     Returns:
         ``(batch, seq, heads, head_dim)`` in q's dtype; 0 for a query that sees no key.
@@ -139,7 +143,7 @@ def block_sparse_attention(
         raise TypeError(f"pattern must be a SparsePatternConfig or None: got {type(pattern).__name__}")
     args = (q, k, v, pattern.pattern_type, pattern.block_size, pattern.local_window_size, pattern.global_tokens,
             float(pattern.sparsity_ratio), list(segment_lengths), list(dilation_rates))
-    _block_sparse.check_arguments(*args, scale, block_mask)
+    _block_sparse.check_arguments(*args, scale, block_mask, key_padding_mask)
     _checks.check_bool("is_causal", is_causal)
     scale = _checks.check_scale(scale)
     if eager.has_tangent(q, k, v):
@@ -147,5 +151,5 @@ def block_sparse_attention(
             "block_sparse_attention does not support forward-mode AD (torch.autograd.forward_ad): "
             "q, k or v carries a tangent; use reverse mode (backward / torch.autograd.grad)"
         )
-    out, _ = _block_sparse.call(*args, is_causal, scale, block_mask)
+    out, _ = _block_sparse.call(*args, is_causal, scale, block_mask, key_padding_mask)
     return out

@@ -516,7 +516,9 @@ class BlockSparseRingDilatedAttention(DilatedAttention):
         dropout: must be 0.0 (the block-sparse op has no attention dropout).
         use_tf32, mode: kept for the common signature; ``mode`` changes nothing here.
 
-    ``forward(query, key, value, is_causal=False)`` returns ``(batch, seq, heads, head_dim)``.
+    ``forward(query, key, value, is_causal=False, key_padding_mask=None)`` returns ``(batch, seq,
+    heads, head_dim)``; key and value may have fewer heads (grouped-query attention),
+    ``key_padding_mask`` ``(batch, seq)`` bool is True for keys to keep.
 
     Raises:
         ValueError / TypeError: ``dropout`` > 0, a ``sparse_config`` of another type or with
@@ -541,11 +543,9 @@ class BlockSparseRingDilatedAttention(DilatedAttention):
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask is not supported by block-sparse attention yet (issue 21): got a "
-                             f"tensor of shape {tuple(key_padding_mask.shape)}")
         return block_sparse_attention(query, key, value, self.sparse_config, is_causal=is_causal,
-                                      segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates)
+                                      segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+                                      key_padding_mask=key_padding_mask)
 
     def extra_repr(self) -> str:
         c = self.config

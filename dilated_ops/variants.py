@@ -155,7 +155,7 @@ VARIANTS: Dict[str, Variant] = {
         Variant(
             "block_sparse", "attention over the active blocks of a block layout (SPEC section 4)",
             op=torch.ops.dilated.block_sparse_attention, args=_block_sparse_args, options=("sparse_config",),
-            devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True,
+            devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, masks=True, gqa=True,
             module="BlockSparseRingDilatedAttention", multihead_module="BlockSparseRingMultiheadDilatedAttention",
             notes="patterns of `SparsePatternConfig` (local_window, global_local, dilated_sparse, a block mask); "
                   "active blocks gathered per query block",

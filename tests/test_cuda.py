@@ -329,7 +329,7 @@ def test_block_sparse_triton_kernels_match_reference_and_opcheck(block_size, d, 
     mask = torch.rand(h, nb, nb, device="cuda") < 0.5
     mask[1, 2] = False
     q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    assert block_sparse._triton(q, block_size) is not None
+    assert block_sparse._triton(q, q, block_size, None) is not None
     cfg = dilated_ops.SparsePatternConfig("mask", block_size=block_size)
     out = dilated_ops.block_sparse_attention(q, k, v, cfg, is_causal=is_causal, block_mask=mask)
     g = torch.randn_like(out)
@@ -469,3 +469,32 @@ def test_gqa_padding_packed_match_reference(name, mode, is_causal, extra, case, 
         assert rel(got.grad, want.grad) < tol, ("dq", "dk", "dv")[i]
     if extra == "padding":  # the fully padded row: output and gradients exactly 0
         assert out[1].abs().max() == 0 and all(t.grad[1].abs().max() == 0 for t in leaves)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("h,h_kv", [(8, 2), (6, 6)])
+def test_block_sparse_gqa_and_padding_on_cuda(h, h_kv, is_causal, dtype, tol):
+    """Block-sparse with grouped-query K/V and a key padding mask (a fully padded batch row) on
+    the GPU, forward and backward, against the float64 reference."""
+    from dilated_ops.kernels import block_sparse
+    from dilated_ops.kernels.reference import block_sparse_reference
+
+    torch.manual_seed(h + h_kv)
+    b, n, d, bs = 3, 300, 64, 64
+    cfg = dilated_ops.SparsePatternConfig("global_local", block_size=bs, local_window_size=128, global_tokens=64)
+    leaves64 = [torch.randn(b, n, hh, d, device="cuda", dtype=torch.float64, requires_grad=True)
+                for hh in (h, h_kv, h_kv)]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+    keep = torch.rand(b, n, device="cuda") > 0.3
+    keep[1] = False
+    g = torch.randn(b, n, h, d, device="cuda", dtype=torch.float64)
+    out = dilated_ops.block_sparse_attention(*leaves, cfg, is_causal=is_causal, key_padding_mask=keep)
+    out.backward(g.to(dtype))
+    layout = block_sparse.pattern_layout("global_local", n, h, bs, 128, 64, 0.1, (), (), is_causal, out.device)
+    ref = block_sparse_reference(*leaves64, layout, bs, is_causal, key_padding_mask=keep)
+    ref.backward(g)
+    assert out.dtype == dtype and not out.isnan().any() and rel(out, ref) < tol
+    for name, got, want in zip(("dq", "dk", "dv"), leaves, leaves64):
+        assert got.grad.shape == want.shape and rel(got.grad, want.grad) < tol, name
+    assert out[1].abs().max() == 0

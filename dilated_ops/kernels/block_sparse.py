@@ -162,7 +162,7 @@ class _Blocks:
     """q's blocks, the active key blocks gathered per query block, and what each score may see,
     for one call: q, k, v ``(B, N, H, D)``; ``index``/``valid`` of a :class:`Plan`."""
 
-    def __init__(self, q, k, v, index, valid, block_size: int, is_causal: bool):
+    def __init__(self, q, k, v, index, valid, block_size: int, is_causal: bool, key_mask=None):
         b, n, h, d = q.shape
         nb = num_blocks(n, block_size)
         self.shape, self.nb, self.bs = (b, n, h, d), nb, block_size
@@ -170,45 +170,51 @@ class _Blocks:
         kmax = self.index.shape[-1]
         self.flat = self.index.reshape(h, nb * kmax)
         self.heads = torch.arange(h, device=q.device)[:, None]
+        self.group = h // k.shape[2]  # grouped-query attention: query head j reads KV head j // group
         self.qb, kb, vb = (self.blocks(t) for t in (q, k, v))
         self.kg, self.vg = (self.gather(t) for t in (kb, vb))  # (B, H, nb, kmax*bs, D)
         qpos = torch.arange(nb * block_size, device=q.device).view(nb, block_size)
         kpos = (self.index[..., None] * block_size + torch.arange(block_size, device=q.device)).view(h, nb, -1)
         real = valid.expand(h, *valid.shape[1:])[..., None].expand(h, nb, kmax, block_size).reshape(h, nb, -1)
-        keep = (real & (kpos < n))[:, :, None, :]  # (H, nb, 1 or bs, kmax*bs)
+        keep = (real & (kpos < n))[None, :, :, None, :]  # (1, H, nb, 1 or bs, kmax*bs)
         if is_causal:
             keep = keep & (kpos[:, :, None, :] <= qpos[None, :, :, None])
+        if key_mask is not None:  # (B, N) True = keep, gathered as the keys are: (B, H, nb, 1, kmax*bs)
+            blocked = self.blocks(key_mask.to(torch.uint8)[:, :, None, None])[:, 0, :, :, 0].bool()  # (B, nb, bs)
+            keep = keep & blocked[:, self.flat].reshape(b, h, nb, 1, -1)
         self.keep = keep
 
-    def blocks(self, t):  # (B, N, H, D) -> (B, H, nb, bs, D), zero-padded to whole blocks
-        b, n, h, d = self.shape
+    def blocks(self, t):  # (B, N, H, D) -> (B, H, nb, bs, D), zero-padded to whole blocks (any H)
+        b, n = self.shape[:2]
         pad = self.nb * self.bs - n
         t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
-        return t.reshape(b, self.nb, self.bs, h, t.shape[-1]).permute(0, 3, 1, 2, 4)
+        return t.reshape(b, self.nb, self.bs, t.shape[2], t.shape[-1]).permute(0, 3, 1, 2, 4)
 
-    def unblocks(self, t):  # (B, H, nb, bs, *tail) -> (B, N, H, *tail)
-        b, n, h, _ = self.shape
+    def unblocks(self, t):  # (B, H, nb, bs, *tail) -> (B, N, H, *tail) (any H)
+        b, n = self.shape[:2]
         t = t.movedim(1, 3)  # (B, nb, bs, H, *tail)
-        return t.reshape(b, self.nb * self.bs, h, *t.shape[4:])[:, :n]
+        return t.reshape(b, self.nb * self.bs, t.shape[3], *t.shape[4:])[:, :n]
 
-    def gather(self, t):  # (B, H, nb, bs, D) -> (B, H, nb, kmax*bs, D)
-        b, h = t.shape[:2]
-        return t[:, self.heads, self.flat].reshape(b, h, self.nb, -1, t.shape[-1])
+    def gather(self, t):  # (B, H_kv, nb, bs, D) -> (B, H, nb, kmax*bs, D)
+        b = t.shape[0]
+        h = self.heads.shape[0]
+        return t[:, self.heads // self.group, self.flat].reshape(b, h, self.nb, -1, t.shape[-1])
 
-    def scatter(self, g):  # the gather's adjoint: (B, H, nb, kmax*bs, D) -> (B, H, nb, bs, D)
+    def scatter(self, g):  # the gather's adjoint: (B, H, nb, kmax*bs, D) -> (B, H_kv, nb, bs, D)
         b, h, nb, _, d = g.shape
         g = g.reshape(b, h, -1, self.bs * d)  # (B, H, nb*kmax, bs*D)
         out = g.new_zeros(b, h, nb, self.bs * d)
         out.scatter_add_(2, self.flat[None, :, :, None].expand(b, h, -1, self.bs * d), g)
-        return out.view(b, h, nb, self.bs, d)
+        out = out.view(b, h, nb, self.bs, d)
+        return out if self.group == 1 else out.unflatten(1, (h // self.group, self.group)).sum(2)
 
     def sdpa(self, t):  # (B, H, nb, rows, D) -> (B, H*nb, rows, D): SDPA's (batch, heads, seq, dim)
         return t.reshape(t.shape[0], -1, *t.shape[3:])
 
     def sdpa_mask(self, dtype):
-        """The additive mask ``(1, H*nb, 1 or bs, kmax*bs)`` of the SDPA layout (the CPU flash
-        kernel takes no boolean one), and its rows that see no key ``(1, H*nb, 1 or bs)``."""
-        keep = self.keep.reshape(1, -1, *self.keep.shape[2:])
+        """The additive mask ``(1 or B, H*nb, 1 or bs, kmax*bs)`` of the SDPA layout (the CPU flash
+        kernel takes no boolean one), and its rows that see no key ``(1 or B, H*nb, 1 or bs)``."""
+        keep = self.keep.reshape(self.keep.shape[0], -1, *self.keep.shape[3:])
         return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf")), \
             ~keep.any(-1)
 
@@ -232,10 +238,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _triton(q, block_size: int):
-    """The Triton kernels' module when they apply to q (CUDA float16/bfloat16, block and head
-    sizes they take), else None (CPU installs without Triton included)."""
+def _triton(q, k, block_size: int, key_mask):
+    """The Triton kernels' module when they apply (CUDA float16/bfloat16, block and head sizes
+    they take, neither grouped-query attention nor a key mask yet), else None (CPU installs
+    without Triton included)."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or not ENABLED:
+        return None
+    if k.shape[2] != q.shape[2] or key_mask is not None:
         return None
     try:
         from . import triton_block_sparse
@@ -248,29 +257,31 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(q, k, v, plan: Plan, block_size: int, is_causal: bool, scale: float):
+def forward(q, k, v, plan: Plan, block_size: int, is_causal: bool, scale: float, key_mask=None):
     """``(out, lse)``: out ``(batch, seq, heads, head_dim)`` as q (its dtype), contiguous; lse
-    ``(batch, seq, heads)`` float32 (float64 for float64 inputs)."""
-    triton_kernels = _triton(q, block_size)
+    ``(batch, seq, heads)`` float32 (float64 for float64 inputs). k, v may have fewer heads
+    (grouped-query attention); ``key_mask`` ``(batch, seq)`` bool, True = keep."""
+    triton_kernels = _triton(q, k, block_size, key_mask)
     if triton_kernels is not None:
         return triton_kernels.forward(_unit_last(q), _unit_last(k), _unit_last(v), plan, block_size, is_causal, scale)
     ct = _compute_dtype(q.dtype)
-    x = _Blocks(q.to(ct), k.to(ct), v.to(ct), plan.index, plan.valid, block_size, is_causal)
+    x = _Blocks(q.to(ct), k.to(ct), v.to(ct), plan.index, plan.valid, block_size, is_causal, key_mask)
     if q.device.type == "cpu":
         return _cpu_forward(x, scale, q.dtype)
     p, lse = x.probs(scale)
     return x.unblocks(p @ x.vg).to(q.dtype).contiguous(), x.unblocks(lse).contiguous()
 
 
-def backward(grad_out, q, k, v, out, lse, plan: Plan, block_size: int, is_causal: bool, scale: float):
-    """``(dq, dk, dv)``, contiguous, from the forward's ``out`` and ``lse`` (the softmax weights
-    are recomputed from them; on the gather path the gathers' adjoints are scatter-adds into the
-    key blocks)."""
-    triton_kernels = _triton(q, block_size)
+def backward(grad_out, q, k, v, out, lse, plan: Plan, block_size: int, is_causal: bool, scale: float,
+             key_mask=None):
+    """``(dq, dk, dv)``, contiguous, shaped as q, k, v, from the forward's ``out`` and ``lse``
+    (the softmax weights are recomputed from them; on the gather path the gathers' adjoints are
+    scatter-adds into the key blocks, summed over a KV head's query heads)."""
+    triton_kernels = _triton(q, k, block_size, key_mask)
     if triton_kernels is not None:
         return triton_kernels.backward(grad_out, q, k, v, out, lse, plan, block_size, is_causal, scale)
     ct = _compute_dtype(q.dtype)
-    x = _Blocks(q.to(ct), k.to(ct), v.to(ct), plan.index, plan.valid, block_size, is_causal)
+    x = _Blocks(q.to(ct), k.to(ct), v.to(ct), plan.index, plan.valid, block_size, is_causal, key_mask)
     if q.device.type == "cpu":
         return _cpu_backward(x, grad_out, out, lse, scale, (q.dtype, k.dtype, v.dtype))
     p, _ = x.probs(scale, x.blocks(lse[..., None].to(ct)).squeeze(-1))

@@ -106,17 +106,23 @@ def dilated_attention_reference(
     return out.to(dtype)
 
 
-def block_sparse_reference(q, k, v, layout, block_size: int, is_causal: bool = False, scale=None):
+def block_sparse_reference(q, k, v, layout, block_size: int, is_causal: bool = False, scale=None,
+                           key_padding_mask=None):
     """Block-sparse attention (SPEC section 4) as dense attention under the expanded element
-    mask, in float64: q, k, v ``(batch, seq, heads, head_dim)``, layout ``(heads or 1, nb, nb)``
-    bool. A query with no visible key gets 0."""
+    mask, in float64: q ``(batch, seq, heads, head_dim)``, k, v with ``heads`` or a divisor of
+    it (grouped-query attention, SPEC section 8), layout ``(heads or 1, nb, nb)`` bool,
+    ``key_padding_mask`` ``(batch, seq)`` bool, True = keep. A query with no visible key gets 0."""
     b, n, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    group = h // k.shape[2]
+    k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))  # query head j reads KV head j // group
     q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))  # (b, h, n, d)
     blk = torch.arange(n, device=q.device) // block_size
     mask = layout.to(q.device).expand(h, -1, -1)[:, blk][:, :, blk]  # (h, n, n)
     if is_causal:
         mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask.to(q.device)[:, None, None, :]  # (b, h, n, n)
     s = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf"))
     # A row with no visible key: every weight 0 (softmax of all -inf would be NaN).
     m = s.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0).detach()
