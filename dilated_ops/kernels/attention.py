@@ -14,9 +14,10 @@ zero gradients.
 
 Backends (chosen per call, honouring ``torch.backends.cuda.*_sdp_enabled()`` so that
 ``torch.nn.attention.sdpa_kernel`` steers them too):
-- ``cudnn``: CUDA fp16/bf16 (fastest on Hopper for these shapes, see PERF-NOTES);
-- ``flash``: CUDA fp16/bf16 when cuDNN is off or unavailable;
-- ``efficient``: CUDA float32;
+- ``cudnn``: CUDA fp16/bf16 (fastest on Hopper for these shapes, see PERF-NOTES), with a key
+  mask as an additive bias (broadcast, stride 0);
+- ``flash``: CUDA fp16/bf16 when cuDNN is off or unavailable (no key mask: it takes no bias);
+- ``efficient``: CUDA float32, and a key mask where cuDNN does not run;
 - ``cpu_flash``: CPU, every float dtype (PyTorch's CPU flash kernel, float64 included);
 - ``math``: anything else, and every call with dropout: explicit probabilities in plain torch
   ops, O(len^2) memory per batch entry; dropout masks come from a seeded generator so the
@@ -61,10 +62,6 @@ def select_backend(q: torch.Tensor, dropout_p: float, scale: float, is_causal: b
     if q.device.type == "cuda":
         head_dim = q.shape[-1]
         cuda = torch.backends.cuda
-        if masked:  # of PyTorch's CUDA kernels only "efficient" takes a bias in forward and backward
-            if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and cuda.mem_efficient_sdp_enabled():
-                return "efficient"
-            return "math"
         # torch 2.11's cuDNN and flash SDPA return NaN for scale <= 0 (measured on the H100).
         if q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256 and scale > 0:
             if (
@@ -74,8 +71,8 @@ def select_backend(q: torch.Tensor, dropout_p: float, scale: float, is_causal: b
                 and torch.backends.cudnn.is_available()
                 and device_capability(q.device) >= (9, 0)
             ):
-                return "cudnn"
-            if cuda.flash_sdp_enabled():
+                return "cudnn"  # takes a key mask's bias and GQA, forward and backward
+            if cuda.flash_sdp_enabled() and not masked:  # flash takes no bias
                 return "flash"
         if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and cuda.mem_efficient_sdp_enabled():
             return "efficient"
@@ -130,7 +127,8 @@ def _math_probs(q, k, lse, is_causal, scale, key_mask=None):
 def _bias(key_mask: torch.Tensor, q: torch.Tensor, length: int) -> torch.Tensor:
     """The additive bias of a key mask ``(B, 1, S)`` for PyTorch's kernels, ``(B, H, L, S)``
     in q's dtype, broadcast (stride 0) over heads and queries; its rows stored 16-aligned as
-    the "efficient" kernel needs (PyTorch's own ``F.scaled_dot_product_attention`` pads alike)."""
+    the "efficient" kernel needs (PyTorch's own ``F.scaled_dot_product_attention`` pads alike);
+    cuDNN takes the same tensor."""
     b, _, s = key_mask.shape
     padded = -(-s // 16) * 16
     bias = q.new_zeros(b, 1, 1, padded)[..., :s]
@@ -176,7 +174,8 @@ def forward(
 def _forward(q, k, v, is_causal, scale, dropout_p, seed, key_mask=None):
     backend = select_backend(q, dropout_p, scale, is_causal, key_mask is not None)
     if backend == "cudnn":
-        res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
+        bias = None if key_mask is None else _bias(key_mask, q, q.shape[-2])
+        res = aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, is_causal, False, scale=scale)
         out, lse = res[0], res[1]
         return out, (lse.squeeze(-1) if lse.dim() == 4 else lse)
     if backend == "flash":
@@ -224,9 +223,10 @@ def backward(
         # PyTorch 2.11 caches the cuDNN backward graph by q/k/v layout only and silently
         # misreads out/grad_out of other strides (measured): always pass them packed in q's
         # dimension order, which is what the cuDNN forward returns.
+        bias = None if key_mask is None else _bias(key_mask, q, length)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             _packed_like(grad_out, q), q, k, v, _packed_like(out, q), lse.float().contiguous().unsqueeze(-1),
-            no_rng, no_rng, None, None, None, length, length, 0.0, is_causal, scale=scale,
+            no_rng, no_rng, bias, None, None, length, length, 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv
     if backend == "flash":

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import attention
-from .segments import bhld_views, from_bhld, gqa_plan, plan, segment_views, to_bhld
+from .segments import bhld_views, from_bhld, gqa_plan, segment_views, to_bhld
 
 
 def _dense_last(x: torch.Tensor) -> torch.Tensor:
@@ -89,13 +89,14 @@ def _into(g: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return g if g.dim() == dst.dim() else from_bhld(g, dst)
 
 
-def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, lse_dtype: torch.dtype,
-                   num_branches: int, config):
+def _groups_triton(triton_mods, q, k, v, pairs, is_causal: bool, scale: float, lse_dtype: torch.dtype,
+                   num_branches: int, config, key_padding_mask=None):
     """Groups-mode forward on the Triton kernel (``triton_mods``: :func:`_triton_forward`'s pair
     of modules). No fill pass before it: the kernel also writes 0 / -inf at the positions of a
     branch's segments that no branch selects for its heads (``fill``), so the GPU starts on
     attention sooner after the call; only the trailing partial segments of branches with
-    rate > 1 get a (small) fill first.
+    rate > 1 get a (small) fill first. ``pairs``: :func:`segments.gqa_plan`'s (query call, K/V
+    call) launches; ``key_padding_mask`` ``(batch, seq)`` bool, True = keep, or None.
 
     The launches are recorded per input layout (``config``: what else fixes them) and replayed
     on later calls, without building the views again: the GPU waits for the host's first
@@ -103,28 +104,34 @@ def _groups_triton(triton_mods, q, k, v, calls, is_causal: bool, scale: float, l
     if q.device.index != torch.cuda.current_device():
         # Triton launches on the current device (its stream, its loaded kernel).
         with torch.cuda.device(q.device):
-            return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype, num_branches, config)
+            return _groups_triton(triton_mods, q, k, v, pairs, is_causal, scale, lse_dtype, num_branches, config,
+                                  key_padding_mask)
     triton_fwd, triton_rep = triton_mods
     b, n, h, d = q.shape
     out = empty_output(q)
     lse = torch.empty((b, n, h), dtype=lse_dtype, device=q.device)
-    for call in calls:
+    for call, _ in pairs:
         tail = n - n % call.seg_len
         if call.rate > 1 and tail < n:
             out[:, tail:, call.heads].zero_()
             lse[:, tail:, call.heads].fill_(float("-inf"))
-    key = triton_rep.layout_key((q, k, v, out, lse), "dilated", *triton_fwd.launch_config(d), is_causal, scale, *config)
+    # The kernel reads the mask as bytes (a view, no copy); without one lse stands in for it.
+    mask = lse if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    bases = (q, k, v, out, lse, mask)
+    key = triton_rep.layout_key(bases, "dilated", *triton_fwd.launch_config(d), is_causal, scale, *config)
     recorded = triton_rep.recorded(key)
     if recorded is not None:
-        triton_rep.replay(recorded, q, k, v, out, lse)
+        triton_rep.replay(recorded, *bases)
         return out, lse
     launches = []
-    for call in calls:
-        fill = (call.rate, call.offset) if call.rate > 1 else None
-        for pi, (qp, kp, vp, outp, lsep) in enumerate(_pieces((x, call) for x in (q, k, v, out, lse))):
-            full_segments = pi == 0 and n >= call.seg_len
+    for qc, kc in pairs:
+        fill = (qc.rate, qc.offset) if qc.rate > 1 else None
+        reads = ((q, qc), (k, kc), (v, kc), (out, qc), (lse, qc), *_mask_reads(key_padding_mask, qc))
+        for pi, (qp, kp, vp, outp, lsep, *kmp) in enumerate(_pieces(reads)):
+            full_segments = pi == 0 and n >= qc.seg_len
+            km = kmp[0].view(torch.uint8) if kmp else None
             launches.append(triton_fwd.forward_into(qp, kp, vp, outp, lsep, is_causal, scale, 1.0 / num_branches,
-                                                    fill if full_segments else None, (q, k, v, out, lse)))
+                                                    fill if full_segments else None, bases, km))
     triton_rep.record(key, launches)
     return out, lse
 
@@ -162,12 +169,11 @@ def dilated_attention_forward(
     masked = key_padding_mask is not None
 
     if mode == "groups":
-        plain = k.shape[2] == h and not masked
-        triton_mods = _triton_forward(q, dropout_p, scale) if backend == "auto" and plain else None
+        triton_mods = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
         if triton_mods is not None:
-            calls = plan(h, *config)
-            return _groups_triton(triton_mods, q, k, v, calls, is_causal, scale, lse_dtype, num_branches,
-                                  (tuple(segment_lengths), tuple(dilation_rates), head_start, total_heads))
+            return _groups_triton(triton_mods, q, k, v, pairs, is_causal, scale, lse_dtype, num_branches,
+                                  (tuple(segment_lengths), tuple(dilation_rates), head_start, total_heads),
+                                  key_padding_mask)
         # One contiguous fill each: it measured faster than a strided fill of only the heads of
         # rate > 1 branches, though that writes fewer bytes (benchmarks/RESULTS.md).
         out = empty_output(q).zero_()
