@@ -18,7 +18,9 @@ import torch.fx
 MAX_PROBE_ELEMENTS = 2**28
 
 
-def _value(node):
+def example_value(node):
+    """The value recorded on an FX node (Dynamo's ``example_value`` or export's ``val``), or
+    ``node`` itself when it is not a node."""
     if isinstance(node, torch.fx.Node):
         return node.meta.get("example_value", node.meta.get("val"))
     return node
@@ -69,7 +71,7 @@ def explain_mask(gm: torch.fx.GraphModule, mask: torch.fx.Node, batch: int, q_le
     The nodes that build the mask are run on probe values of that input (every key kept, random
     keys kept, a batch row with none) and the result compared with each explanation; a mask
     from more than one input, or from no input but not causal, is refused."""
-    value = _value(mask)
+    value = example_value(mask)
     if value is None or not hasattr(value, "dtype"):
         return "an attn_mask without shape metadata"
     if value.dtype != torch.bool:
@@ -85,13 +87,13 @@ def explain_mask(gm: torch.fx.GraphModule, mask: torch.fx.Node, batch: int, q_le
         return (f"a boolean attn_mask of {numel} elements, too large to inspect (at most {MAX_PROBE_ELEMENTS}); "
                 "pass no mask and is_causal=True, or the padding through the op's key_padding_mask")
     nodes = _ancestors(mask)
-    inputs = [n for n in nodes if n.op == "placeholder" and isinstance(_value(n), torch.Tensor)]
+    inputs = [n for n in nodes if n.op == "placeholder" and isinstance(example_value(n), torch.Tensor)]
     if len(inputs) > 1:
         return (f"a boolean attn_mask built from {len(inputs)} inputs ({', '.join(n.name for n in inputs)}): not a "
                 "key padding mask")
     pad = inputs[0] if inputs else None
     if pad is not None:
-        shape = tuple(_concrete(x) for x in _value(pad).shape)
+        shape = tuple(_concrete(x) for x in example_value(pad).shape)
         if shape != (batch, k_len):
             return (f"a boolean attn_mask built from input {pad.name} of shape {shape}, not a (batch, seq) = "
                     f"{(batch, k_len)} key padding mask")
@@ -131,7 +133,7 @@ def _probe_module(gm: torch.fx.GraphModule, nodes: List[torch.fx.Node], mask: to
         env = {}
         for n in nodes:
             if n.op == "placeholder":
-                v = _value(n)
+                v = example_value(n)
                 if n is pad:
                     env[n] = keep.to(device=v.device, dtype=v.dtype)
                 elif isinstance(v, (torch.SymInt, int)):
@@ -179,7 +181,7 @@ def bool_padding(node):
             and isinstance(where, torch.fx.Node)):
         return node
     zeros = base.op == "call_function" and base.target in (torch.zeros_like, torch.ops.aten.zeros_like.default)
-    kept = getattr(_value(where), "dtype", None) == torch.bool
+    kept = getattr(example_value(where), "dtype", None) == torch.bool
     return where if zeros and base.args and base.args[0] is where and kept else node
 
 
@@ -212,7 +214,7 @@ def unrepeated_kv(node) -> Optional[torch.fx.Node]:
     if not isinstance(inner, torch.fx.Node) or not _is_getitem_none_at_2(inner):
         return None
     source = inner.args[0]
-    src, out = _value(source), _value(node)
+    src, out = example_value(source), example_value(node)
     if src is None or out is None or src.dim() != 4 or out.dim() != 4:
         return None
     if str(src.shape[0]) != str(out.shape[0]) or str(src.shape[2:]) != str(out.shape[2:]):

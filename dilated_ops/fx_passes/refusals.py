@@ -12,13 +12,13 @@ import torch
 import torch.fx
 
 from .config import RewriteConfig
-from .provenance import bool_padding
+from .provenance import bool_padding, example_value
 
 
 def example_shape(arg) -> Optional[tuple]:
     """The shape recorded on an FX node (Dynamo's ``example_value`` or export's ``val``)."""
     if isinstance(arg, torch.fx.Node):
-        value = arg.meta.get("example_value", arg.meta.get("val"))
+        value = example_value(arg)
         if value is not None and hasattr(value, "shape"):
             return tuple(value.shape)
     return None
@@ -51,13 +51,6 @@ def mha_module_problem(config: RewriteConfig, num_heads, bias_k, bias_v, add_zer
     return dropout_problem(config, dropout) or heads_problem(config, num_heads)
 
 
-def _dtype(value) -> Optional[torch.dtype]:
-    """A tensor's dtype, or the one recorded on an FX node; None when unknown."""
-    if isinstance(value, torch.fx.Node):
-        value = value.meta.get("example_value", value.meta.get("val"))
-    return getattr(value, "dtype", None)
-
-
 def mha_call_problem(variant, need_weights, key_padding_mask, attn_mask, is_causal) -> Optional[str]:
     """What one call of an ``nn.MultiheadAttention`` asks for that dilated attention does not
     do. An ``attn_mask`` with ``is_causal=True`` is taken to be the causal mask, as PyTorch's
@@ -69,7 +62,7 @@ def mha_call_problem(variant, need_weights, key_padding_mask, attn_mask, is_caus
     if key_padding_mask is not None:
         if not variant.masks:
             return f"key_padding_mask is not supported by implementation {variant.name!r}"
-        dtype = _dtype(key_padding_mask)
+        dtype = getattr(example_value(key_padding_mask), "dtype", None)  # unknown on symbolic traces
         if dtype is not None and dtype != torch.bool:
             return (f"a {dtype} key_padding_mask (added to the scores) is not supported: pass a bool mask "
                     "(True = padding)")
