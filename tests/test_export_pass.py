@@ -1,6 +1,7 @@
 """The ATen-level pass over torch.export programs (dilated_ops.rewrite_exported, and
 dilated_ops.export, which runs it after module swapping): aten.scaled_dot_product_attention
 nodes become torch.ops.dilated.dilated_attention between transposes."""
+import dataclasses
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from expecttest import assert_expected_inline
 from torch import nn
 
 import dilated_ops
+from dilated_ops import variants
 from dilated_ops.fx_passes import RewriteRefused
 from dilated_ops.kernels.reference import dilated_attention_reference
 from models import GPT, SelfMHA
@@ -185,7 +187,7 @@ def refused(model, inputs, **kw):
     return [e.reason for e in report.refused]
 
 
-def test_refusals():
+def test_refusals(monkeypatch):
     q = torch.randn(2, 2, N, 4, dtype=D64)
     float_mask = type("M", (nn.Module,), {"forward": lambda s, q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m)})
     assert refused(float_mask(), (q, torch.randn(N, N, dtype=D64))) == [
@@ -196,7 +198,14 @@ def test_refusals():
     k = torch.randn(2, 2, 8, 4, dtype=D64)
     (reason,) = refused(Sdpa(), (q, k, k))
     assert reason.startswith(f"query length {N} differs from key length 8")
-    (reason,) = refused(Sdpa(enable_gqa=True), (torch.randn(2, 4, N, 4, dtype=D64), q, q), implementation="block_sparse")
+    # Every single-process row takes GQA now: a row without it, made so here, refuses it.
+    gqa_inputs = (torch.randn(2, 4, N, 4, dtype=D64), q, q)
+    new, report = dilated_ops.rewrite_exported(torch.export.export(Sdpa(enable_gqa=True), gqa_inputs), [N], [1],
+                                               implementation="block_sparse")
+    assert len(report.rewritten) == 1 and count(new, torch.ops.dilated.block_sparse_attention.default) == 1
+    row = variants.VARIANTS["block_sparse"]
+    monkeypatch.setitem(variants.VARIANTS, "block_sparse", dataclasses.replace(row, gqa=False))
+    (reason,) = refused(Sdpa(enable_gqa=True), gqa_inputs, implementation="block_sparse")
     assert reason == "enable_gqa=True is not supported by implementation 'block_sparse'"
     assert refused(Sdpa(dropout_p=0.5), (q,)) == ["dropout_p=0.5 in an exported program (export in eval mode)"]
     assert refused(SelfMHA(True, add_bias_kv=True), (torch.randn(2, N, 8, dtype=D64),))[0].startswith(
