@@ -159,12 +159,6 @@ def _group_size(process_group) -> int:
     return _env.distributed_world_size()
 
 
-def _no_padding_across_processes(key_padding_mask) -> None:
-    if key_padding_mask is not None:
-        raise ValueError("key_padding_mask is not supported by sequence-parallel attention yet (issue 21): got a "
-                         f"tensor of shape {tuple(key_padding_mask.shape)}")
-
-
 def _check_group(process_group) -> None:
     if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
         raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None: got "
@@ -204,13 +198,13 @@ class RingDilatedAttention(ImprovedDilatedAttention):
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         if _group_size(self.process_group) == 1:
             return super()._attend(query, key, value, is_causal, key_padding_mask)
-        _no_padding_across_processes(key_padding_mask)
         if self.dropout and self.training:
             raise ValueError(f"dropout must be 0.0 for ring attention across processes (its op has no attention "
                              f"dropout): got {self.dropout!r} in training mode")
         return sequence_parallel_attention(query, key, value, self.segment_lengths, self.dilation_rates,
                                            strategy="ring", mode=self.mode, is_causal=is_causal,
-                                           group=self.process_group, layout=self.layout)
+                                           group=self.process_group, layout=self.layout,
+                                           key_padding_mask=key_padding_mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", in a process group: each rank's shard ({self.layout}), strategy 'ring'"
@@ -234,8 +228,10 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
             ones all-gather their dilated K/V rows), ``"ring"`` (those rows passed rank to rank)
             or ``"ulysses"`` (all-to-all over heads: the group's size must divide the heads).
 
-    ``forward(query, key, value, is_causal=False)``: ``(batch, seq / P, heads, head_dim)`` in and
-    out, this rank's shard (:func:`dilated_ops.shard_sequence` cuts one).
+    ``forward(query, key, value, is_causal=False, key_padding_mask=None)``: ``(batch, seq / P,
+    heads, head_dim)`` in and out, this rank's shard (:func:`dilated_ops.shard_sequence` cuts
+    one); key and value may have fewer heads (grouped-query attention), ``key_padding_mask`` is
+    this rank's ``(batch, seq / P)`` shard of the bool mask (True = keep).
 
     Raises:
         ValueError: ``dropout`` > 0, an unknown ``strategy``; at forward, as
@@ -259,10 +255,9 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
         if _group_size(self.process_group) == 1:  # one process: the plain op, the same result
             return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, mode=self.mode,
                                      is_causal=is_causal, backend="auto", key_padding_mask=key_padding_mask)
-        _no_padding_across_processes(key_padding_mask)
         return sequence_parallel_attention(query, key, value, self.segment_lengths, self.dilation_rates,
                                            strategy=self.strategy, mode=self.mode, is_causal=is_causal,
-                                           group=self.process_group)
+                                           group=self.process_group, key_padding_mask=key_padding_mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", strategy={self.strategy!r}"

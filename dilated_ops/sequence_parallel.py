@@ -184,6 +184,7 @@ def sequence_parallel_attention(
     group: Optional[dist.ProcessGroup] = None,
     check_shards: bool = True,
     layout: str = "contiguous",
+    key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Dilated attention (as :func:`dilated_ops.dilated_attention`) of a sequence sharded over
     the ranks of ``group``. With 2 ranks, 8 tokens, one branch ``w = 8, r = 2``::
@@ -196,8 +197,9 @@ def sequence_parallel_attention(
 
     Args:
         q: ``(batch, seq / P, heads, head_dim)``: this rank's contiguous shard of the sequence.
-        k: as q.
-        v: as q.
+        k: ``(batch, seq / P, heads_kv, head_dim)``, ``heads_kv`` dividing ``heads``
+            (grouped-query attention; "ulysses" needs ``P`` to divide ``heads_kv`` too).
+        v: as k.
         segment_lengths, dilation_rates, mode, is_causal, scale: as
             :func:`dilated_ops.dilated_attention`, for the whole sequence.
         strategy: ``"auto"`` (``"longnet"`` where the segments fit the shards, else
@@ -209,6 +211,8 @@ def sequence_parallel_attention(
             ``"zigzag"`` (rank ``p`` holds chunks ``p`` and ``2P - 1 - p`` of ``2P``: with
             ``is_causal`` the ring's work is even across ranks; strategy ``"ring"`` only, which
             ``"auto"`` then picks). Input and output are in that layout.
+        key_padding_mask: this rank's shard ``(batch, seq / P)`` of a bool key padding mask
+            (True = keep; SPEC section 8), in ``layout`` as q, or None.
         check_shards: first agree across ranks that every rank's arguments are valid and its
             shard has the same shape, so that every rank raises (one small all-gather and a host
             sync; eager calls only, skipped while ``torch.compile`` traces). Without it a rank
@@ -218,7 +222,7 @@ def sequence_parallel_attention(
         ``(batch, seq / P, heads, head_dim)``: this rank's slice of the single-process output.
 
     Raises:
-        ValueError: no initialized process group; an unknown strategy; "ulysses" with heads not
+        ValueError: no initialized process group; an unknown strategy; "ulysses" with heads (or KV heads) not
             divisible by ``P``; "longnet" or "ring" with segments that do not fit the shards; shards of
             different shapes (with ``check_shards``); bad arguments as
             :func:`dilated_ops.dilated_attention`.
@@ -232,7 +236,8 @@ def sequence_parallel_attention(
         registration = _REGISTRATIONS[strategy]
         extra = (layout,) if strategy == "ring" else ()
         segment_lengths, dilation_rates, scale = registration.check_arguments(
-            q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size, *extra)
+            q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size, *extra,
+            key_padding_mask=key_padding_mask)
     except (TypeError, ValueError, NotImplementedError) as error:
         if not agree:
             raise
@@ -240,4 +245,6 @@ def sequence_parallel_attention(
     if agree:
         _agree(q, group, world_size, None)
     op = getattr(torch.ops.dilated, f"{strategy}_attention")
-    return op(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size, *extra)[0]
+    masks = () if key_padding_mask is None else (key_padding_mask,)  # graphs without one keep the short call
+    return op(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size, *extra,
+              *masks)[0]

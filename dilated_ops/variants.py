@@ -145,11 +145,13 @@ VARIANTS: Dict[str, Variant] = {
             "distributed", "sequence-parallel attention over the ranks of a process group (SPEC section 5): "
             "each rank passes its contiguous shard",
             op=torch.ops.dilated.ulysses_attention, args=_ulysses_args, options=("process_group", "strategy"),
-            devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, process_group=True,
-            module="DistributedDilatedAttention", multihead_module="DistributedMultiheadDilatedAttention",
+            devices=(("cpu", _ALL_DTYPES), ("cuda", _ALL_DTYPES)), causal=True, masks=True, gqa=True,
+            process_group=True, module="DistributedDilatedAttention",
+            multihead_module="DistributedMultiheadDilatedAttention",
             notes="strategy 'longnet' (the single-device op per shard, dilated K/V rows of segments spanning "
                   "shards all-gathered), 'ring' (those rows passed rank to rank) or 'ulysses' (all-to-all over "
-                  "heads); 'auto' picks longnet or ulysses; rewrites emit the Ulysses op; one process: the op of "
+                  "heads); 'auto' picks longnet or ulysses; rewrites emit the Ulysses op; GQA and key padding in "
+                  "every strategy (ulysses: the group's size divides the KV heads); one process: the op of "
                   "improved",
         ),
         Variant(

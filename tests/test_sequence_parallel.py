@@ -104,6 +104,83 @@ def test_zigzag_shards_even_out_the_causal_ring(world_size):
     assert reads("zigzag") == [2 * world_size - 1] * world_size
 
 
+# (seq, heads, heads_kv, segment_lengths, dilation_rates) per world size: grouped-query attention
+# whose head groups and offset classes cut KV heads' query heads apart, segments inside a shard
+# and spanning 2, 4 and all chunks (zigzag included); P divides heads_kv (ulysses).
+MASKED_GQA_CASES = {2: (32, 4, 2, [4, 8, 32], [1, 2, 4]), 4: (32, 8, 4, [8, 16, 32], [1, 2, 4])}
+
+
+def _masked_gqa_worker(rank: int, world_size: int, init_file: str) -> None:
+    import dilated_ops
+    from dilated_ops.sequence_parallel import sequence_parallel_attention, shard_sequence
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        n, h, hkv, segs, rates = MASKED_GQA_CASES[world_size]
+        for mode, is_causal in itertools.product(("groups", "longnet"), (False, True)):
+            torch.manual_seed(0)  # the same full inputs on every rank
+            q = torch.randn(2, n, h, 8, dtype=torch.float64, requires_grad=True)
+            k, v = (torch.randn(2, n, hkv, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+            g = torch.randn(2, n, h, 8, dtype=torch.float64)
+            mask = torch.rand(2, n) > 0.3
+            mask[1, :n // 2 + 3] = False  # left padding past the first shard: rows that see no key
+            out = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=is_causal,
+                                                key_padding_mask=mask)
+            grads = torch.autograd.grad(out, (q, k, v), g)
+            rows = out[1].abs().sum(dim=(-2, -1))
+            # rows that see no key (0, not NaN), except where longnet's whole-sequence segment reaches a kept key
+            assert not out.isnan().any() and (rows > 0).any()
+            assert (rows == 0).any() == (is_causal or mode == "groups")
+            for strategy, layout in (("ulysses", "contiguous"), ("longnet", "contiguous"), ("ring", "contiguous"),
+                                     ("ring", "zigzag")):
+                def mine(t):
+                    return shard_sequence(t.detach(), layout=layout)
+
+                shards = [mine(t).clone().requires_grad_() for t in (q, k, v)]
+                mask_shard = mine(mask)
+                got = sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
+                                                  is_causal=is_causal, layout=layout, key_padding_mask=mask_shard)
+                got_grads = torch.autograd.grad(got, shards, mine(g))
+                where = f"{strategy} {layout}, rank {rank}/{world_size}, {mode}, causal={is_causal}"
+                torch.testing.assert_close(got, mine(out), rtol=1e-10, atol=1e-10, msg=where)
+                for x, want in zip(got_grads, grads):
+                    torch.testing.assert_close(x, mine(want), rtol=1e-10, atol=1e-10, msg=where)
+                assert torch.equal(mask_shard, mine(mask))  # the caller's mask is not modified
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_grouped_query_attention_and_key_padding_in_every_strategy(world_size):
+    """Issue 21 in the sequence-parallel ops: k, v with fewer heads (each (KV head, offset)
+    pair's rows travel once; ulysses moves KV head shards) and a key padding mask given as each
+    rank's shard, with rows that see no key; each rank's output and q/k/v gradients equal the
+    single-process op's (float64, 1e-10)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_masked_gqa_worker, args=(world_size, os.path.join(tmp, "init")), nprocs=world_size, join=True)
+
+
+def _refusal_worker(rank: int, world_size: int, init_file: str) -> None:
+    from dilated_ops.sequence_parallel import sequence_parallel_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        q, kv = torch.randn(1, 8, 4, 8, dtype=torch.float64), torch.randn(1, 8, 1, 8, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"must divide the KV heads of grouped-query attention \(1\)"):
+            sequence_parallel_attention(q, kv, kv, [8], [1], strategy="ulysses")
+        with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seq\) = \(1, 8\): got "
+                                             r"\(1, 16\)"):
+            sequence_parallel_attention(q, q, q, [8], [1], strategy="longnet",
+                                        key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_refuses_kv_heads_the_group_does_not_divide_and_a_whole_sequence_mask():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_refusal_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+
+
 def _failing_worker(rank: int, world_size: int, init_file: str, check_shards: bool, out_dir: str) -> None:
     import datetime
 
@@ -329,6 +406,13 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
                                                      strategy=strategy)
             want = dilated_ops.dilated_attention(q, k, v, [8, 48], [1, 4], is_causal=True)
             torch.testing.assert_close(a(*shards, is_causal=True), dilated_ops.shard_sequence(want), **close)
+            # ... with grouped-query K/V (2 KV heads) and this rank's shard of a key padding mask
+            kv = [t[:, :, :2] for t in (k, v)]
+            keep = torch.rand(1, 48) > 0.3
+            want = dilated_ops.dilated_attention(q, *kv, [8, 48], [1, 4], is_causal=True, key_padding_mask=keep)
+            got = a(shards[0], *(dilated_ops.shard_sequence(t) for t in kv), is_causal=True,
+                    key_padding_mask=dilated_ops.shard_sequence(keep))
+            torch.testing.assert_close(got, dilated_ops.shard_sequence(want), **close)
 
         # A graph rewrite targeting "distributed": nn.MultiheadAttention run on each rank's shard.
         mha = torch.nn.MultiheadAttention(32, 4, batch_first=True, dtype=torch.float64)
@@ -340,6 +424,10 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         xs = dilated_ops.shard_sequence(x)
         torch.testing.assert_close(sharded(xs, xs, xs, need_weights=False)[0], dilated_ops.shard_sequence(want),
                                    **close)
+        pad = torch.rand(2, 64) < 0.3  # nn.MultiheadAttention's convention: True = padding
+        want = local(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        got = sharded(xs, xs, xs, key_padding_mask=dilated_ops.shard_sequence(pad), need_weights=False)[0]
+        torch.testing.assert_close(got, dilated_ops.shard_sequence(want), **close)
 
         # The bytes each rank sends, counted in each strategy's collectives (as a ring algorithm
         # moves them), are what the bench reports (segment 48 spans both shards of 24, all 4 zigzag chunks of 12).

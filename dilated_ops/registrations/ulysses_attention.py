@@ -4,10 +4,11 @@ kernel, autograd.
 
 q, k, v: this rank's shard ``(batch, seq / P, heads, head_dim)``. The process group comes by
 name (``group_name``, as PyTorch's functional collectives take it) with its size ``world_size``
-given, so the fake kernel needs no live group. Returns ``(out, lse, qkv_heads, out_heads,
-lse_heads)``: the rank's output slice, its log-sum-exp ``(batch, seq / P, heads)``, and the
-head shards the backward takes (saved instead of q, k, v: the backward then moves only
-gradients).
+given, so the fake kernel needs no live group. k, v may have fewer heads (grouped-query
+attention, ``P`` dividing them); ``key_padding_mask``: this rank's shard ``(batch, seq / P)``
+bool, True = keep. Returns ``(out, lse, q_heads, k_heads, v_heads, out_heads, lse_heads)``: the
+rank's output slice, its log-sum-exp ``(batch, seq / P, heads)``, and the head shards the
+backward takes (saved instead of q, k, v: the backward then moves only gradients).
 """
 from __future__ import annotations
 
@@ -41,13 +42,18 @@ def group_args(group) -> Tuple[str, int]:
     return group.group_name, dist.get_world_size(group)
 
 
-def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size):
+def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size,
+                    key_padding_mask=None):
     """The op's arguments, before any collective (a rank with bad input raises at once)."""
     segment_lengths, dilation_rates, scale = _checks.check_dilated_args(
-        q, k, v, segment_lengths, dilation_rates, mode, scale, 0.0, is_causal=is_causal, total_heads=q.shape[2])
+        q, k, v, segment_lengths, dilation_rates, mode, scale, 0.0, is_causal=is_causal, total_heads=q.shape[2],
+        key_padding_mask=key_padding_mask)
     _checks.check_positive_int("world_size", world_size)
     if q.shape[2] % world_size:
         raise ValueError(f"ulysses: the process group's size ({world_size}) must divide num_heads ({q.shape[2]})")
+    if k.shape[2] % world_size:
+        raise ValueError(f"ulysses: the process group's size ({world_size}) must divide the KV heads of grouped-query "
+                         f"attention ({k.shape[2]}): strategy 'longnet' or 'ring' takes any")
     return segment_lengths, dilation_rates, scale
 
 
@@ -55,50 +61,59 @@ def check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, s
 def ulysses_attention_op(
     q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int], mode: str,
     is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size, key_padding_mask)
     group = resolve_group(group_name, world_size)
     return ulysses_forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group, world_size,
-                           dist.get_rank(group))
+                           dist.get_rank(group), key_padding_mask)
 
 
 @ulysses_attention_op.register_fake
-def _fake(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size):
-    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size)
+def _fake(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size,
+          key_padding_mask=None):
+    check_arguments(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, world_size, key_padding_mask)
     b, s, h, d = q.shape
-    n, hp, lse_dtype = s * world_size, h // world_size, _attention.lse_dtype(q.dtype)
+    n, hp, hkv, lse_dtype = s * world_size, h // world_size, k.shape[2] // world_size, _attention.lse_dtype(q.dtype)
     return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(b, s, h, dtype=lse_dtype),
-            q.new_empty(3 * b, n, hp, d), q.new_empty(b, n, hp, d), q.new_empty(b, n, hp, dtype=lse_dtype))
+            q.new_empty(b, n, hp, d), k.new_empty(b, n, hkv, d), v.new_empty(b, n, hkv, d), q.new_empty(b, n, hp, d),
+            q.new_empty(b, n, hp, dtype=lse_dtype))
 
 
 @torch.library.custom_op("dilated::ulysses_attention_backward", mutates_args=())
 def ulysses_attention_backward_op(
-    grad_out: Tensor, qkv_heads: Tensor, out_heads: Tensor, lse_heads: Tensor, segment_lengths: List[int],
-    dilation_rates: List[int], mode: str, is_causal: bool, scale: Optional[float], group_name: str, world_size: int,
+    grad_out: Tensor, q_heads: Tensor, k_heads: Tensor, v_heads: Tensor, out_heads: Tensor, lse_heads: Tensor,
+    segment_lengths: List[int], dilation_rates: List[int], mode: str, is_causal: bool, scale: Optional[float],
+    group_name: str, world_size: int, key_padding_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     group = resolve_group(group_name, world_size)
-    return ulysses_backward(grad_out.contiguous(), qkv_heads, out_heads, lse_heads, segment_lengths, dilation_rates,
-                            mode, is_causal, scale, group, world_size, dist.get_rank(group))
+    return ulysses_backward(grad_out.contiguous(), q_heads, k_heads, v_heads, out_heads, lse_heads, segment_lengths,
+                            dilation_rates, mode, is_causal, scale, group, world_size, dist.get_rank(group),
+                            key_padding_mask)
 
 
 @ulysses_attention_backward_op.register_fake
-def _backward_fake(grad_out, qkv_heads, out_heads, lse_heads, segment_lengths, dilation_rates, mode, is_causal,
-                   scale, group_name, world_size):
-    return tuple(torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) for _ in range(3))
+def _backward_fake(grad_out, q_heads, k_heads, v_heads, out_heads, lse_heads, segment_lengths, dilation_rates, mode,
+                   is_causal, scale, group_name, world_size, key_padding_mask=None):
+    b, s, h, d = grad_out.shape
+    hkv = k_heads.shape[2] * world_size
+    return (torch.empty(b, s, h, d, dtype=grad_out.dtype, device=grad_out.device),
+            k_heads.new_empty(b, s, hkv, d), v_heads.new_empty(b, s, hkv, d))
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size = inputs
-    _, lse, qkv_heads, out_heads, lse_heads = output
-    ctx.mark_non_differentiable(lse, qkv_heads, out_heads, lse_heads)
-    ctx.save_for_backward(qkv_heads, out_heads, lse_heads)
+    _, _, _, segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size, *mask = inputs
+    _, lse, *heads = output
+    ctx.mark_non_differentiable(lse, *heads)
+    ctx.save_for_backward(*heads, *mask)
     ctx.config = (segment_lengths, dilation_rates, mode, is_causal, scale, group_name, world_size)
 
 
 def _backward(ctx, grad_out, *_):
-    qkv_heads, out_heads, lse_heads = ctx.saved_tensors
-    dq, dk, dv = ulysses_attention_backward_op(grad_out, qkv_heads, out_heads, lse_heads, *ctx.config)
-    return (dq, dk, dv) + (None,) * 7
+    q_heads, k_heads, v_heads, out_heads, lse_heads, *mask = ctx.saved_tensors
+    dq, dk, dv = ulysses_attention_backward_op(grad_out, q_heads, k_heads, v_heads, out_heads, lse_heads, *ctx.config,
+                                               *mask)
+    return (dq, dk, dv) + (None,) * (7 + len(mask))
 
 
 ulysses_attention_op.register_autograd(_backward, setup_context=_setup_context)
