@@ -256,13 +256,19 @@ def assert_argument_error(proc, sub, *needles):
 
 @pytest.mark.parametrize("sub", ["bench", "demo"])
 @pytest.mark.parametrize("device", ["foo", "cuda:abc", "", "cuda:5"])
-def test_bad_device_is_an_argument_error(sub, device):
+def test_bad_device_is_an_argument_error(sub, device, capsys):
+    # In process (the entry point's exit status and stderr: test_cuda_device_without_cuda_subprocess).
     if device == "cuda:5" and torch.cuda.device_count() > 5:
         pytest.skip("this machine has a cuda:5")
-    proc = run_cli(sub, "--device", device, timeout=120)
-    assert_argument_error(proc, sub, f"--device {device or repr(device)}:")
+    with pytest.raises(SystemExit) as exc:
+        main([sub, "--device", device])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"dilated-ops {sub}: error: --device {device or repr(device)}:"), err
     if device == "cuda:5":
-        assert ("CUDA is not available" if not torch.cuda.is_available() else "no such CUDA device") in proc.stderr
+        assert ("CUDA is not available" if not torch.cuda.is_available() else "no such CUDA device") in err
 
 
 def test_cuda_device_without_cuda_subprocess():
