@@ -379,7 +379,9 @@ def _comm_note(variant, n: int, mode: str, args, dtype) -> str:
             strategy += f" ({args.layout} shards)"
     else:
         fwd, bwd = distributed.ulysses_bytes(shard, element, wide, world)
-    return (f"seq_len {n}, {mode}, {strategy} on {world} ranks: each sends {fwd / 2**20:.4g} MiB forward, "
+    # The counts take every head as a KV head and no mask: with --kv-heads or --padding an upper bound.
+    bound = " at most" if args.kv_heads not in (None, args.heads) or args.padding else ""
+    return (f"seq_len {n}, {mode}, {strategy} on {world} ranks: each sends{bound} {fwd / 2**20:.4g} MiB forward, "
             f"{(fwd + bwd) / 2**20:.4g} MiB forward+backward")
 
 
