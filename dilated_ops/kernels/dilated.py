@@ -169,7 +169,11 @@ def dilated_attention_forward(
     masked = key_padding_mask is not None
 
     if mode == "groups":
-        triton_mods = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
+        # A key mask takes the SDPA path: the Triton forward's key-mask variant (HAS_KM) failed to
+        # compile through its TMA loads on an H100 (torch 2.11, Triton 3.6), a CompilationError at
+        # the first masked call; it passed only under TRITON_INTERPRET, which does not take TMA.
+        use_triton = backend == "auto" and not masked
+        triton_mods = _triton_forward(q, dropout_p, scale) if use_triton else None
         if triton_mods is not None:
             return _groups_triton(triton_mods, q, k, v, pairs, is_causal, scale, lse_dtype, num_branches,
                                   (tuple(segment_lengths), tuple(dilation_rates), head_start, total_heads),
