@@ -226,7 +226,8 @@ class DistributedDilatedAttention(ImprovedDilatedAttention):
         strategy: ``"auto"`` (default: ``"longnet"`` where the segments fit the shards, else
             ``"ulysses"``), ``"longnet"`` (segments inside a shard need no communication; longer
             ones all-gather their dilated K/V rows), ``"ring"`` (those rows passed rank to rank)
-            or ``"ulysses"`` (all-to-all over heads: the group's size must divide the heads).
+            or ``"ulysses"`` (all-to-all over heads: the group's size must divide the heads and
+            the KV heads).
 
     ``forward(query, key, value, is_causal=False, key_padding_mask=None)``: ``(batch, seq / P,
     heads, head_dim)`` in and out, this rank's shard (:func:`dilated_ops.shard_sequence` cuts

@@ -5,9 +5,9 @@ in), custom op, fake kernel, autograd.
 
 q, k, v: this rank's shard ``(batch, seq / P, heads, head_dim)``; the group by name with its
 size given, as for ``ulysses_attention``; k, v may have fewer heads (grouped-query attention);
-``key_padding_mask``: this rank's shard ``(batch, seq / P)`` bool, True = keep. Returns ``(out, lse, gathered)``: the rank's output
-slice, its log-sum-exp ``(batch, seq / P, heads)`` and the gathered K/V rows ``(P, numel)`` the
-backward takes.
+``key_padding_mask``: this rank's shard ``(batch, seq / P)`` bool, True = keep. Returns
+``(out, lse, gathered)``: the rank's output slice, its log-sum-exp ``(batch, seq / P, heads)``
+and the gathered K/V rows ``(P, numel)`` the backward takes.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ q, k, v: this rank's shard ``(batch, seq / P, heads, head_dim)``; the group by n
 size given, as for ``ulysses_attention``; ``layout``: ``"contiguous"`` (rank ``p`` holds chunk
 ``p`` of ``P``) or ``"zigzag"`` (chunks ``p`` and ``2P - 1 - p`` of ``2P``, head and tail, for
 causal load balance); k, v may have fewer heads (grouped-query attention); ``key_padding_mask``:
-this rank's shard ``(batch, seq / P)`` bool, True = keep. Returns ``(out, lse)``; the backward passes the ring again (nothing
-gathered is kept).
+this rank's shard ``(batch, seq / P)`` bool, True = keep. Returns ``(out, lse)``; the backward
+passes the ring again (nothing gathered is kept).
 """
 from __future__ import annotations
 
