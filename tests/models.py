@@ -1,5 +1,8 @@
 """Small models and helpers shared by the tests (not a test module)."""
+import contextlib
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,6 +32,20 @@ def assert_same_outputs_and_grads(model, rewritten, inputs, tol=1e-10, params=No
 
 def x64(*shape):
     return torch.randn(*shape, dtype=D64)
+
+
+@contextlib.contextmanager
+def process_group(rank: int, world_size: int, init_file: str, backend: str = "gloo", **kwargs):
+    """The default process group of a spawned test worker, rendezvous through ``init_file``.
+    On a clean exit every rank meets at a barrier before the group is destroyed: a rank that
+    tore its gloo connections down while a peer still finished its last collective aborted
+    that peer once (SIGABRT, "terminate called without an active exception") in CI."""
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def encoder():

@@ -24,6 +24,7 @@ import torch
 import dilated_ops
 from dilated_ops.kernels import block_sparse
 from dilated_ops.kernels.reference import block_sparse_reference, dilated_attention_reference
+from models import process_group
 
 SEED = int(os.environ.get("DILATED_OPS_FUZZ_SEED", time.time_ns() % 2**31))
 CASE = os.environ.get("DILATED_OPS_FUZZ_CASE")
@@ -233,14 +234,9 @@ CASES = {"ulysses": ulysses_case, "longnet": longnet_case,
 
 def _sequence_parallel_worker(rank: int, world_size: int, init_file: str, strategy: str, cases,
                               result_file: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    make = CASES[strategy]
-    try:
+    with process_group(rank, world_size, init_file):
+        make = CASES[strategy]
         failed = [i for i in cases if not check_sequence_parallel(make(SEED, i, world_size), rank, world_size)]
-    finally:
-        dist.destroy_process_group()
     with open(f"{result_file}.{rank}", "w") as f:
         json.dump(failed, f)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from models import process_group
 
 # Shards shorter and longer than segments, windows cutting head groups and offset classes; for
 # longnet, segments inside a shard, spanning all shards, spanning 2 of 4, longer than the sequence.
@@ -36,8 +37,7 @@ def _equality_worker(rank: int, world_size: int, init_file: str, strategy: str) 
 
     strategy, _, layout = strategy.partition("-")  # "ring-zigzag": the ring on zigzag shards
     layout = layout or "contiguous"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file):
         ran = 0
         for n, h, segs, rates in CASES:
             s = n // world_size
@@ -72,8 +72,6 @@ def _equality_worker(rank: int, world_size: int, init_file: str, strategy: str) 
                     torch.testing.assert_close(unshard_sequence(got, layout=layout), out, rtol=1e-10, atol=1e-10,
                                                msg=where)
         assert ran >= 2, f"{strategy} {layout} on {world_size} ranks ran {ran} of the cases"
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("strategy", ["ulysses", "longnet", "ring", "ring-zigzag"])
@@ -114,8 +112,7 @@ def _masked_gqa_worker(rank: int, world_size: int, init_file: str) -> None:
     import dilated_ops
     from dilated_ops.sequence_parallel import sequence_parallel_attention, shard_sequence
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file):
         n, h, hkv, segs, rates = MASKED_GQA_CASES[world_size]
         for mode, is_causal in itertools.product(("groups", "longnet"), (False, True)):
             torch.manual_seed(0)  # the same full inputs on every rank
@@ -146,8 +143,6 @@ def _masked_gqa_worker(rank: int, world_size: int, init_file: str) -> None:
                 for x, want in zip(got_grads, grads):
                     torch.testing.assert_close(x, mine(want), rtol=1e-10, atol=1e-10, msg=where)
                 assert torch.equal(mask_shard, mine(mask))  # the caller's mask is not modified
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -163,8 +158,7 @@ def test_grouped_query_attention_and_key_padding_in_every_strategy(world_size):
 def _refusal_worker(rank: int, world_size: int, init_file: str) -> None:
     from dilated_ops.sequence_parallel import sequence_parallel_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file):
         q, kv = torch.randn(1, 8, 4, 8, dtype=torch.float64), torch.randn(1, 8, 1, 8, dtype=torch.float64)
         with pytest.raises(ValueError, match=r"must divide the KV heads of grouped-query attention \(1\)"):
             sequence_parallel_attention(q, kv, kv, [8], [1], strategy="ulysses")
@@ -172,8 +166,6 @@ def _refusal_worker(rank: int, world_size: int, init_file: str) -> None:
                                              r"\(1, 16\)"):
             sequence_parallel_attention(q, q, q, [8], [1], strategy="longnet",
                                         key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ulysses_refuses_kv_heads_the_group_does_not_divide_and_a_whole_sequence_mask():
@@ -186,24 +178,21 @@ def _failing_worker(rank: int, world_size: int, init_file: str, check_shards: bo
 
     from dilated_ops.sequence_parallel import sequence_parallel_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    q = torch.randn(1, 8, 4, 8, dtype=torch.float64)
-    rates = [1, 2] if rank == 0 else [1, 3]  # rank 1 passes a bad rate (8 % 3 != 0)
-    if not check_shards:
-        sequence_parallel_attention(q, q, q, [4, 8], rates, check_shards=False)
-    messages = []
-    # then rank 1 passes a 3-D q (a shape the agreement cannot hold): the same, no collective mismatch
-    for bad_q in (q, q if rank == 0 else q[0]):
-        try:
-            sequence_parallel_attention(bad_q, bad_q, bad_q, [4, 8], rates if bad_q is q else [1, 2])
-            messages.append("no error")
-        except ValueError as error:
-            messages.append(str(error))
-    with open(os.path.join(out_dir, str(rank)), "w") as f:
-        f.write("\n".join(messages))
-    dist.barrier()  # neither rank leaves (closing its connections) while the other still reads
-    dist.destroy_process_group()
+    with process_group(rank, world_size, init_file, timeout=datetime.timedelta(seconds=60)):
+        q = torch.randn(1, 8, 4, 8, dtype=torch.float64)
+        rates = [1, 2] if rank == 0 else [1, 3]  # rank 1 passes a bad rate (8 % 3 != 0)
+        if not check_shards:
+            sequence_parallel_attention(q, q, q, [4, 8], rates, check_shards=False)
+        messages = []
+        # then rank 1 passes a 3-D q (a shape the agreement cannot hold): the same, no collective mismatch
+        for bad_q in (q, q if rank == 0 else q[0]):
+            try:
+                sequence_parallel_attention(bad_q, bad_q, bad_q, [4, 8], rates if bad_q is q else [1, 2])
+                messages.append("no error")
+            except ValueError as error:
+                messages.append(str(error))
+        with open(os.path.join(out_dir, str(rank)), "w") as f:
+            f.write("\n".join(messages))
 
 
 def test_a_rank_that_raises_makes_every_rank_raise_its_error():
@@ -236,11 +225,10 @@ def test_without_the_check_a_rank_that_raises_still_fails_the_job_with_no_hang()
 def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
     from dilated_ops.sequence_parallel import sequence_parallel_attention
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    # shards of 12: segments of 2 and 6 inside them, 24 spanning both (longnet gathers its rows);
-    # zigzag: chunks of 6, 24 spanning all 4
-    segs, rates = [2, 6, 24], [1, 2, 3]
-    try:
+    with process_group(rank, world_size, init_file):
+        # shards of 12: segments of 2 and 6 inside them, 24 spanning both (longnet gathers its rows);
+        # zigzag: chunks of 6, 24 spanning all 4
+        segs, rates = [2, 6, 24], [1, 2, 3]
         for name in ("ulysses", "longnet", "ring", "ring-zigzag"):
             strategy, _, layout = name.partition("-")
             extra = (layout,) if layout else ()
@@ -283,8 +271,6 @@ def _compile_worker(rank: int, world_size: int, init_file: str) -> None:
             # every rank runs opcheck's calls in the same order, so their collectives pair up
             torch.library.opcheck(op.default, (*compiled_in, segs, rates, "longnet", True, None,
                                                dist.group.WORLD.group_name, world_size, *extra))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_strategy_compiles_exports_and_passes_opcheck():
@@ -347,9 +333,8 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
 
     import dilated_ops
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    close = dict(rtol=1e-10, atol=1e-10)
-    try:
+    with process_group(rank, world_size, init_file):
+        close = dict(rtol=1e-10, atol=1e-10)
         # "auto" in a process group: the distributed module. Each rank's output shard, its input
         # gradient and the all-reduced parameter gradients equal the one-process module's.
         torch.manual_seed(0)  # the same parameters and inputs on every rank
@@ -464,8 +449,6 @@ def _modules_worker(rank: int, world_size: int, init_file: str) -> None:
         with pytest.raises(ValueError, match=r"sequence length \(6, dim 1\) must be divisible by 4 \(layout "
                                              r"'zigzag' on a process group of size 2\)"):
             dilated_ops.shard_sequence(torch.randn(1, 6, 4), layout="zigzag")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_modules_factory_and_rewrites_in_a_process_group():
@@ -513,8 +496,7 @@ def _nccl_worker(rank: int, world_size: int, init_file: str) -> None:
     import dilated_ops
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file, "nccl"):
         n, h, d, segs, rates = 8192, 12, 64, [512, 2048, 8192], [1, 2, 4]
         for name, mode, is_causal in itertools.product(("ulysses", "longnet", "ring", "ring-zigzag"),
                                                        ("groups", "longnet"), (False, True)):
@@ -538,8 +520,6 @@ def _nccl_worker(rank: int, world_size: int, init_file: str) -> None:
                 y = mine(y).float()
                 err = ((x.float() - y).norm() / y.norm()).item()
                 assert err < 1e-2, (rank, world_size, name, mode, is_causal, err)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -557,8 +537,7 @@ def _segment_ranks_worker(rank: int, world_size: int, init_file: str) -> None:
     import dilated_ops
     from dilated_ops.kernels import distributed as kernels
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with process_group(rank, world_size, init_file):
         sizes, real_gather, real_scatter = [], kernels._ALL_GATHER, kernels._REDUCE_SCATTER
 
         def gather(output, input, group=None, **kwargs):
@@ -590,8 +569,6 @@ def _segment_ranks_worker(rank: int, world_size: int, init_file: str) -> None:
         rows16, rows64 = 2 * 2 * (8 // 2) * 4, 2 * 2 * (8 // 4) * 4
         assert sizes == [("gather", 2, rows16), ("gather", 4, rows64), ("scatter", 2, rows16),
                          ("scatter", 4, rows64)], sizes
-    finally:
-        dist.destroy_process_group()
 
 
 def test_longnet_gathers_only_among_a_segments_ranks():
