@@ -31,55 +31,46 @@ def _fits(strategy: str, n: int, h: int, segs, rates, world_size: int, layout: s
     return n % chunks == 0 and longnet_geometry_error(n // chunks, chunks, segs, rates) is None
 
 
-def _equality_worker(rank: int, world_size: int, init_file: str, strategy: str) -> None:
+def _strategy_equals_single_process(strategy: str, rank: int, world_size: int) -> None:
     import dilated_ops
     from dilated_ops.sequence_parallel import sequence_parallel_attention, shard_sequence, unshard_sequence
 
     strategy, _, layout = strategy.partition("-")  # "ring-zigzag": the ring on zigzag shards
     layout = layout or "contiguous"
-    with process_group(rank, world_size, init_file):
-        ran = 0
-        for n, h, segs, rates in CASES:
-            s = n // world_size
-            if not _fits(strategy, n, h, segs, rates, world_size, layout):
-                # refused with a clear error on every rank, before any collective
-                q = torch.randn(1, s, h, 8, dtype=torch.float64)
-                with pytest.raises(ValueError, match="must divide num_heads" if strategy == "ulysses" else
-                                   "the longnet and ring strategies need each segment length to divide the shard"):
-                    sequence_parallel_attention(q, q, q, segs, rates, strategy=strategy, layout=layout)
-                continue
-            ran += 1
-            for mode in ("groups", "longnet"):
-                for is_causal in (False, True):
-                    torch.manual_seed(0)  # the same full inputs on every rank
-                    full = [torch.randn(2, n, h, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-                    g = torch.randn(2, n, h, 8, dtype=torch.float64)
-                    out = dilated_ops.dilated_attention(*full, segs, rates, mode=mode, is_causal=is_causal)
-                    grads = torch.autograd.grad(out, full, g)
+    ran = 0
+    for n, h, segs, rates in CASES:
+        s = n // world_size
+        if not _fits(strategy, n, h, segs, rates, world_size, layout):
+            # refused with a clear error on every rank, before any collective
+            q = torch.randn(1, s, h, 8, dtype=torch.float64)
+            with pytest.raises(ValueError, match="must divide num_heads" if strategy == "ulysses" else
+                               "the longnet and ring strategies need each segment length to divide the shard"):
+                sequence_parallel_attention(q, q, q, segs, rates, strategy=strategy, layout=layout)
+            continue
+        ran += 1
+        for mode in ("groups", "longnet"):
+            for is_causal in (False, True):
+                torch.manual_seed(0)  # the same full inputs on every rank
+                full = [torch.randn(2, n, h, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+                g = torch.randn(2, n, h, 8, dtype=torch.float64)
+                out = dilated_ops.dilated_attention(*full, segs, rates, mode=mode, is_causal=is_causal)
+                grads = torch.autograd.grad(out, full, g)
 
-                    def mine(t):
-                        return shard_sequence(t.detach(), layout=layout)
+                def mine(t):
+                    return shard_sequence(t.detach(), layout=layout)
 
-                    shards = [mine(t).clone().requires_grad_() for t in full]
-                    got = sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
-                                                      is_causal=is_causal, layout=layout)
-                    got_grads = torch.autograd.grad(got, shards, mine(g))
-                    where = (f"{strategy} {layout}, rank {rank}/{world_size}, n={n}, h={h}, {segs}, {rates}, "
-                             f"{mode}, causal={is_causal}")
-                    torch.testing.assert_close(got, mine(out), rtol=1e-10, atol=1e-10, msg=where)
-                    for x, want in zip(got_grads, grads):
-                        torch.testing.assert_close(x, mine(want), rtol=1e-10, atol=1e-10, msg=where)
-                    torch.testing.assert_close(unshard_sequence(got, layout=layout), out, rtol=1e-10, atol=1e-10,
-                                               msg=where)
-        assert ran >= 2, f"{strategy} {layout} on {world_size} ranks ran {ran} of the cases"
-
-
-@pytest.mark.parametrize("strategy", ["ulysses", "longnet", "ring", "ring-zigzag"])
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_each_strategy_equals_the_single_process_op(world_size, strategy):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_equality_worker, args=(world_size, os.path.join(tmp, "init"), strategy), nprocs=world_size,
-                 join=True)
+                shards = [mine(t).clone().requires_grad_() for t in full]
+                got = sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
+                                                  is_causal=is_causal, layout=layout)
+                got_grads = torch.autograd.grad(got, shards, mine(g))
+                where = (f"{strategy} {layout}, rank {rank}/{world_size}, n={n}, h={h}, {segs}, {rates}, "
+                         f"{mode}, causal={is_causal}")
+                torch.testing.assert_close(got, mine(out), rtol=1e-10, atol=1e-10, msg=where)
+                for x, want in zip(got_grads, grads):
+                    torch.testing.assert_close(x, mine(want), rtol=1e-10, atol=1e-10, msg=where)
+                torch.testing.assert_close(unshard_sequence(got, layout=layout), out, rtol=1e-10, atol=1e-10,
+                                           msg=where)
+    assert ran >= 2, f"{strategy} {layout} on {world_size} ranks ran {ran} of the cases"
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
@@ -108,69 +99,77 @@ def test_zigzag_shards_even_out_the_causal_ring(world_size):
 MASKED_GQA_CASES = {2: (32, 4, 2, [4, 8, 32], [1, 2, 4]), 4: (32, 8, 4, [8, 16, 32], [1, 2, 4])}
 
 
-def _masked_gqa_worker(rank: int, world_size: int, init_file: str) -> None:
+def _masked_gqa_equals_single_process(rank: int, world_size: int) -> None:
     import dilated_ops
     from dilated_ops.sequence_parallel import sequence_parallel_attention, shard_sequence
 
-    with process_group(rank, world_size, init_file):
-        n, h, hkv, segs, rates = MASKED_GQA_CASES[world_size]
-        for mode, is_causal in itertools.product(("groups", "longnet"), (False, True)):
-            torch.manual_seed(0)  # the same full inputs on every rank
-            q = torch.randn(2, n, h, 8, dtype=torch.float64, requires_grad=True)
-            k, v = (torch.randn(2, n, hkv, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-            g = torch.randn(2, n, h, 8, dtype=torch.float64)
-            mask = torch.rand(2, n) > 0.3
-            mask[1, :n // 2 + 3] = False  # left padding past the first shard: rows that see no key
-            out = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=is_causal,
-                                                key_padding_mask=mask)
-            grads = torch.autograd.grad(out, (q, k, v), g)
-            rows = out[1].abs().sum(dim=(-2, -1))
-            # rows that see no key (0, not NaN), except where longnet's whole-sequence segment reaches a kept key
-            assert not out.isnan().any() and (rows > 0).any()
-            assert (rows == 0).any() == (is_causal or mode == "groups")
-            for strategy, layout in (("ulysses", "contiguous"), ("longnet", "contiguous"), ("ring", "contiguous"),
-                                     ("ring", "zigzag")):
-                def mine(t):
-                    return shard_sequence(t.detach(), layout=layout)
+    n, h, hkv, segs, rates = MASKED_GQA_CASES[world_size]
+    for mode, is_causal in itertools.product(("groups", "longnet"), (False, True)):
+        torch.manual_seed(0)  # the same full inputs on every rank
+        q = torch.randn(2, n, h, 8, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, n, hkv, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        g = torch.randn(2, n, h, 8, dtype=torch.float64)
+        mask = torch.rand(2, n) > 0.3
+        mask[1, :n // 2 + 3] = False  # left padding past the first shard: rows that see no key
+        out = dilated_ops.dilated_attention(q, k, v, segs, rates, mode=mode, is_causal=is_causal,
+                                            key_padding_mask=mask)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        rows = out[1].abs().sum(dim=(-2, -1))
+        # rows that see no key (0, not NaN), except where longnet's whole-sequence segment reaches a kept key
+        assert not out.isnan().any() and (rows > 0).any()
+        assert (rows == 0).any() == (is_causal or mode == "groups")
+        for strategy, layout in (("ulysses", "contiguous"), ("longnet", "contiguous"), ("ring", "contiguous"),
+                                 ("ring", "zigzag")):
+            def mine(t):
+                return shard_sequence(t.detach(), layout=layout)
 
-                shards = [mine(t).clone().requires_grad_() for t in (q, k, v)]
-                mask_shard = mine(mask)
-                got = sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
-                                                  is_causal=is_causal, layout=layout, key_padding_mask=mask_shard)
-                got_grads = torch.autograd.grad(got, shards, mine(g))
-                where = f"{strategy} {layout}, rank {rank}/{world_size}, {mode}, causal={is_causal}"
-                torch.testing.assert_close(got, mine(out), rtol=1e-10, atol=1e-10, msg=where)
-                for x, want in zip(got_grads, grads):
-                    torch.testing.assert_close(x, mine(want), rtol=1e-10, atol=1e-10, msg=where)
-                assert torch.equal(mask_shard, mine(mask))  # the caller's mask is not modified
+            shards = [mine(t).clone().requires_grad_() for t in (q, k, v)]
+            mask_shard = mine(mask)
+            got = sequence_parallel_attention(*shards, segs, rates, strategy=strategy, mode=mode,
+                                              is_causal=is_causal, layout=layout, key_padding_mask=mask_shard)
+            got_grads = torch.autograd.grad(got, shards, mine(g))
+            where = f"{strategy} {layout}, rank {rank}/{world_size}, {mode}, causal={is_causal}"
+            torch.testing.assert_close(got, mine(out), rtol=1e-10, atol=1e-10, msg=where)
+            for x, want in zip(got_grads, grads):
+                torch.testing.assert_close(x, mine(want), rtol=1e-10, atol=1e-10, msg=where)
+            assert torch.equal(mask_shard, mine(mask))  # the caller's mask is not modified
+
+
+def _ulysses_refusals() -> None:
+    from dilated_ops.sequence_parallel import sequence_parallel_attention
+
+    q, kv = torch.randn(1, 8, 4, 8, dtype=torch.float64), torch.randn(1, 8, 1, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"must divide the KV heads of grouped-query attention \(1\)"):
+        sequence_parallel_attention(q, kv, kv, [8], [1], strategy="ulysses")
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seq\) = \(1, 8\): got "
+                                         r"\(1, 16\)"):
+        sequence_parallel_attention(q, q, q, [8], [1], strategy="longnet",
+                                    key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
+
+
+STRATEGIES = ["ulysses", "longnet", "ring", "ring-zigzag"]
+
+
+def _equality_worker(rank: int, world_size: int, init_file: str) -> None:
+    with process_group(rank, world_size, init_file):
+        for strategy in STRATEGIES:
+            _strategy_equals_single_process(strategy, rank, world_size)
+        _masked_gqa_equals_single_process(rank, world_size)
+        if world_size == 2:
+            _ulysses_refusals()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_grouped_query_attention_and_key_padding_in_every_strategy(world_size):
-    """Issue 21 in the sequence-parallel ops: k, v with fewer heads (each (KV head, offset)
-    pair's rows travel once; ulysses moves KV head shards) and a key padding mask given as each
-    rank's shard, with rows that see no key; each rank's output and q/k/v gradients equal the
-    single-process op's (float64, 1e-10)."""
+def test_each_strategy_equals_the_single_process_op(world_size):
+    """Each rank's output slice and q/k/v gradients equal the single-process op's (float64,
+    1e-10), in every strategy: plain heads over shards shorter and longer than segments; then
+    (issue 21) k, v with fewer heads (each (KV head, offset) pair's rows travel once; ulysses
+    moves KV head shards) and a key padding mask given as each rank's shard, with rows that see
+    no key; on 2 ranks also Ulysses' refusals (KV heads the group does not divide, a whole-sequence
+    mask). One spawn per group size: starting the processes costs more than a strategy's cases;
+    a mismatch names its strategy, layout, rank and case."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_masked_gqa_worker, args=(world_size, os.path.join(tmp, "init")), nprocs=world_size, join=True)
-
-
-def _refusal_worker(rank: int, world_size: int, init_file: str) -> None:
-    from dilated_ops.sequence_parallel import sequence_parallel_attention
-
-    with process_group(rank, world_size, init_file):
-        q, kv = torch.randn(1, 8, 4, 8, dtype=torch.float64), torch.randn(1, 8, 1, 8, dtype=torch.float64)
-        with pytest.raises(ValueError, match=r"must divide the KV heads of grouped-query attention \(1\)"):
-            sequence_parallel_attention(q, kv, kv, [8], [1], strategy="ulysses")
-        with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, seq\) = \(1, 8\): got "
-                                             r"\(1, 16\)"):
-            sequence_parallel_attention(q, q, q, [8], [1], strategy="longnet",
-                                        key_padding_mask=torch.ones(1, 16, dtype=torch.bool))
-
-
-def test_ulysses_refuses_kv_heads_the_group_does_not_divide_and_a_whole_sequence_mask():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_refusal_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+        mp.spawn(_equality_worker, args=(world_size, os.path.join(tmp, "init")), nprocs=world_size, join=True)
 
 
 def _failing_worker(rank: int, world_size: int, init_file: str, check_shards: bool, out_dir: str) -> None:
