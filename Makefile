@@ -6,6 +6,10 @@
 # installs from local disk here; override with `make TORCH_SPEC="torch==2.11.0" test`.
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
+# Triton, for tests/test_triton_forward.py only: it compiles our Triton kernels for sm_80/sm_90
+# without a GPU. The version torch 2.11's CUDA build pins (the GPU machine's); `TRITON_SPEC=`
+# leaves it out (that test then skips).
+TRITON_SPEC ?= triton==3.6.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -13,7 +17,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TRITON_SPEC)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

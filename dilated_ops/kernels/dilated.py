@@ -170,8 +170,8 @@ def dilated_attention_forward(
 
     if mode == "groups":
         # A key mask takes the SDPA path: the Triton forward's key-mask variant (HAS_KM) failed to
-        # compile through its TMA loads on an H100 (torch 2.11, Triton 3.6), a CompilationError at
-        # the first masked call; it passed only under TRITON_INTERPRET, which does not take TMA.
+        # compile on an H100 (torch 2.11, Triton 3.6). It compiles now (tests/test_triton_forward.py)
+        # but has not been run on a GPU since; test_cuda's masked Triton cases say when it may be on.
         use_triton = backend == "auto" and not masked
         triton_mods = _triton_forward(q, dropout_p, scale) if use_triton else None
         if triton_mods is not None:

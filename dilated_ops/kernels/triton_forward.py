@@ -90,11 +90,13 @@ def _update(acc, l_i, m_i, qk, cols, offs_m, L, v, qk_scale, kept, IS_CAUSAL: tl
 
 @triton.jit
 def _kept(km_base, kml, cols, L, HAS_KM: tl.constexpr):
-    """The key mask over a tile's keys (``[BLOCK_N]`` bool) with ``HAS_KM``; else ``cols``
-    (unused)."""
+    """The key mask over a tile's keys (``[BLOCK_N]`` bool) with ``HAS_KM``; else the keys
+    inside the sequence (unused). One bool type on both paths: Triton refuses a function whose
+    returns differ in type, even across a constexpr branch."""
+    kept = cols < L
     if HAS_KM:
-        return tl.load(km_base + cols * kml, mask=cols < L, other=0) != 0
-    return cols
+        kept = tl.load(km_base + cols * kml, mask=kept, other=0) != 0
+    return kept
 
 
 @triton.jit
