@@ -6,7 +6,7 @@ only those below it: the API (``functional``, ``sequence_parallel``, ``config``,
 table and the attention block (``variants``, ``attention_block``); the ops (``registrations``);
 the math (``kernels``).
 """
-from .functional import block_sparse_attention, dilated_attention
+from .functional import block_sparse_attention, dilated_attention, dilated_attention_decode
 from .config import DilatedAttentionConfig, MultiheadConfig, SparsePatternConfig
 from .modules import (
     BlockSparseRingDilatedAttention,
@@ -31,6 +31,7 @@ from .symbolic import rewrite_symbolic
 __version__ = "0.1.0"
 __all__ = [
     "dilated_attention",
+    "dilated_attention_decode",
     "block_sparse_attention",
     "DilatedAttentionConfig",
     "MultiheadConfig",

@@ -120,21 +120,25 @@ def check_embed_dim(embed_dim, num_heads) -> None:
         )
 
 
+def _check_attention_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor: got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(
+            f"{name} must be 4-D (batch, seq, heads, head_dim): got shape {_shape(t)}"
+        )
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64: got {t.dtype}"
+        )
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool = False) -> None:
     """q, k, v: tensors of one supported float dtype, one device, one shape
     ``(batch, seq, heads, head_dim)``; with ``gqa``, k and v may have ``heads_kv`` heads, a
     divisor of q's (grouped-query attention, SPEC section 8)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor: got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must be 4-D (batch, seq, heads, head_dim): got shape {_shape(t)}"
-            )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64: got {t.dtype}"
-            )
+        _check_attention_tensor(name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype: got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -281,6 +285,38 @@ def check_dilated_args(
                          f"grouped-query attention, so that the window holds whole KV heads")
     if mode == "groups":
         check_num_groups(total_heads or q.shape[2], len(segment_lengths))
+    return segment_lengths, dilation_rates, scale
+
+
+def check_decode_args(q, k, v, segment_lengths, dilation_rates, mode, scale, is_causal, key_padding_mask):
+    """The decode op's arguments (SPEC section 9): q ``(batch, sq, heads, head_dim)``, the last
+    ``sq`` positions of k, v ``(batch, skv, heads_kv, head_dim)`` (``sq <= skv``, ``heads_kv``
+    dividing ``heads``); ``key_padding_mask`` ``(batch, skv)``. Returns ``(segment_lengths,
+    dilation_rates, scale)`` as :func:`check_dilated_args` does."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_attention_tensor(name, t)
+    if _shape(k) != _shape(v):
+        raise ValueError(f"k and v must have one shape (batch, skv, heads_kv, head_dim): got k {_shape(k)}, "
+                         f"v {_shape(v)}")
+    b, sq, h, d = _shape(q)
+    if (k.shape[0], k.shape[3]) != (b, d):
+        raise ValueError(f"k and v must have q's batch ({b}) and head_dim ({d}): got q {_shape(q)}, k {_shape(k)}")
+    if sq > k.shape[1]:
+        raise ValueError(f"q's length ({sq}) must be at most the cache's (k and v: {k.shape[1]}): the queries are "
+                         f"the last positions of the keys")
+    h_kv = k.shape[2]
+    if h_kv == 0 or h % h_kv:
+        raise ValueError(f"k and v have {h_kv} heads, which must divide q's {h} heads (grouped-query attention): "
+                         f"got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    # dtypes and device as the op's, on the cache's last sq positions (views)
+    check_qkv(q, k[:, k.shape[1] - sq:], v[:, v.shape[1] - sq:], gqa=True)
+    check_key_padding_mask(key_padding_mask, k)
+    segment_lengths, dilation_rates = check_segments(segment_lengths, dilation_rates)
+    check_mode(mode)
+    check_bool("is_causal", is_causal)
+    scale = check_scale(scale)
+    if mode == "groups":
+        check_num_groups(h, len(segment_lengths))
     return segment_lengths, dilation_rates, scale
 
 

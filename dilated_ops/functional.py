@@ -10,6 +10,7 @@ from torch import Tensor
 from . import _checks
 from .config import SparsePatternConfig
 from .registrations import block_sparse_attention as _block_sparse
+from .registrations import decode_attention as _decode
 from .registrations import dilated_attention as _op
 from .registrations import eager
 
@@ -94,6 +95,58 @@ def dilated_attention(
         )
     out, _ = _op.call(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, dropout_p, seed, backend,
                       key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)
+    return out
+
+
+def dilated_attention_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    mode: str = "groups",
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Dilated attention for queries at the end of a KV cache (SPEC section 9): q holds the last
+    ``sq`` positions of the ``skv`` cached keys (bottom-right aligned, as Hugging Face's caches
+    are), and row ``i`` of the result equals row ``skv - sq + i`` of :func:`dilated_attention`
+    over all ``skv`` positions. A query at position ``t`` reads, per branch, only the keys of its
+    own segment in its own offset class (``<= t`` with ``is_causal``): at most ``w / r`` of them,
+    so a step's cost does not grow with the context. ``segment_lengths=[4, 8]``,
+    ``dilation_rates=[1, 2]``, 11 cached keys, the query at position 10 (``q``), ``x`` = the
+    keys it reads, causal::
+
+        branch (w=4, r=1):  . . . . | . . . . | x x q      its segment, dense
+        branch (w=8, r=2):  . . . . . . . . | x . q        its segment's every 2nd key, its class
+
+    (for heads whose offset in that branch is the query's class; the others get nothing from
+    it, as in the full forward: in groups mode a head group may get 0 at that position).
+
+    Args:
+        q: ``(batch, sq, heads, head_dim)``, ``sq <= skv``.
+        k: ``(batch, skv, heads_kv, head_dim)``, the cache (``heads_kv`` divides ``heads``:
+            grouped-query attention, query head ``j`` reads KV head ``j // (heads // heads_kv)``).
+        v: ``(batch, skv, heads_kv, head_dim)``, as k.
+        segment_lengths, dilation_rates, mode, is_causal, scale: as :func:`dilated_attention`.
+        key_padding_mask: ``(batch, skv)`` bool, True = keep the key; a query that sees no key
+            gets 0 (and zero gradients).
+
+    Returns:
+        ``(batch, sq, heads, head_dim)``, in q's dtype.
+
+    Raises ValueError / TypeError naming the argument for bad input.
+    """
+    segment_lengths, dilation_rates, scale = _checks.check_decode_args(
+        q, k, v, segment_lengths, dilation_rates, mode, scale, is_causal, key_padding_mask)
+    if eager.has_tangent(q, k, v):
+        raise NotImplementedError(
+            "dilated_attention_decode does not support forward-mode AD (torch.autograd.forward_ad): "
+            "q, k or v carries a tangent; use reverse mode (backward / torch.autograd.grad)"
+        )
+    out, _ = _decode.call(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, key_padding_mask)
     return out
 
 

@@ -106,6 +106,19 @@ def dilated_attention_reference(
     return out.to(dtype)
 
 
+def dilated_decode_reference(q, k, v, segment_lengths, dilation_rates, mode="groups", is_causal=False, scale=None,
+                             key_padding_mask=None):
+    """SPEC section 9 as written: q ``(batch, sq, heads, head_dim)`` placed at the last ``sq`` of
+    the ``skv`` positions of k, v, the full forward over all of them, its last ``sq`` rows (the
+    rows before are zeros: no row reads another row's query)."""
+    b, sq, h, d = q.shape
+    skv = k.shape[1]
+    full = torch.cat([q.new_zeros(b, skv - sq, h, d), q], dim=1)
+    out = dilated_attention_reference(full, k, v, segment_lengths, dilation_rates, mode, is_causal, scale,
+                                      key_padding_mask)
+    return out[:, skv - sq:]
+
+
 def block_sparse_reference(q, k, v, layout, block_size: int, is_causal: bool = False, scale=None,
                            key_padding_mask=None):
     """Block-sparse attention (SPEC section 4) as dense attention under the expanded element
