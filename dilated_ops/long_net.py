@@ -429,6 +429,33 @@ class LongNetLM(nn.Module):
         Returns:
             logits ``(batch, seq, num_tokens)``, in the parameters' dtype.
         """
+        return self.out(self.norm(self.long_net(self.embed(tokens), is_causal=is_causal)))
+
+    def embed(self, tokens: Tensor, start: int = 0) -> Tensor:
+        """Token embeddings plus the sinusoidal positions ``start, start + 1, ...``:
+        ``(batch, seq, d_model)`` for ``tokens`` ``(batch, seq)``."""
         x = self.token_embedding(tokens)
-        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
-        return self.out(self.norm(self.long_net(x, is_causal=is_causal)))
+        return x + sinusoidal_positions(start + x.shape[1], x.shape[2], x.device, x.dtype)[start:]
+
+    def generate(self, tokens: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy continuation with a KV cache (:mod:`dilated_ops.generation`): each new token
+        is the argmax of the causal forward's logits at the last position, computed from the
+        cache: the prompt runs once through every layer, then each step only the new token,
+        its dilated self-attention reading at most ``w / r`` cached keys per branch
+        (:func:`dilated_ops.dilated_attention_decode`).
+
+        Args:
+            tokens: ``(batch, prompt)`` integer token ids, at least one per row.
+            max_new_tokens: how many tokens to add (positive int).
+
+        Returns:
+            ``(batch, prompt + max_new_tokens)``: the prompt, then the new tokens.
+
+        Raises:
+            TypeError, ValueError: bad ``tokens`` or ``max_new_tokens``.
+            NotImplementedError: a self-attention that is not dilated attention in one process
+                (block-sparse, or a process group's).
+        """
+        from .generation import generate
+
+        return generate(self, tokens, max_new_tokens)
