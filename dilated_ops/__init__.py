@@ -27,6 +27,13 @@ from .memory import clear_memory_pool, get_memory_pool_info
 from .fx_passes import RewriteConfig, RewriteReport, backend, rewrite_exported
 from .module_swap import ConvertedMultiheadAttention, convert, export
 from .symbolic import rewrite_symbolic
+from .integrations import transformers as _hf
+
+# attn_implementation="dilated": registered now if transformers is already imported (importing it
+# ourselves would cost every `import dilated_ops` seconds); else dilated_ops.register_transformers().
+register_transformers = _hf.register
+if "transformers" in __import__("sys").modules:
+    register_transformers()
 
 __version__ = "0.1.0"
 __all__ = [
@@ -65,5 +72,6 @@ __all__ = [
     "export",
     "ConvertedMultiheadAttention",
     "rewrite_symbolic",
+    "register_transformers",
     "__version__",
 ]
