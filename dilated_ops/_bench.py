@@ -33,6 +33,23 @@ def useful_flops(n, h, d, segs, rates, mode, is_causal) -> float:
     return fwd / (2 if is_causal else 1)
 
 
+def decode_flops(n, h, d, segs, rates, mode) -> float:
+    """Useful FLOPs of one decode step (a query at position ``n - 1`` against the ``n`` cached
+    keys): ``4 * d`` per (head, key) pair the pattern reads, counting only the heads whose offset
+    is the query's class in each branch; dense: ``4 * d * h * n``."""
+    t = n - 1
+    groups = head_groups(h, len(segs))
+    total = 0
+    for i, (w, r) in enumerate(zip(segs, rates)):
+        start = t - t % w
+        cls = (t - start) % r
+        keys = len(range(start + cls, t + 1, r))
+        heads = range(*groups[i]) if mode == "groups" else range(h)
+        offsets = [i % r] * len(heads) if mode == "groups" else [j % r for j in heads]
+        total += keys * sum(1 for o in offsets if o == cls)
+    return 4 * d * total
+
+
 def block_sparse_flops(layout, h, d, block_size, is_causal) -> float:
     """Forward FLOPs of block-sparse attention over ``layout`` ``(heads or 1, nb, nb)``: 4 * d
     per query-key pair of the active blocks (a causal diagonal block counts half)."""

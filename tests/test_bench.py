@@ -232,6 +232,7 @@ def test_profile_prints_the_kernel_table_and_the_host_profile(tmp_path, capsys):
     (["--profile", "gpu"], "profile must be among kernels, host: got ['gpu']"),
     (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     (["--dense-max", "-1"], "dense_max must be a positive int: got -1"),
+    (["--decode", "--compile", "default"], "decode times one eager step in one process: it takes no --compile"),
 ])
 def test_bad_bench_arguments_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -288,3 +289,42 @@ def test_bad_input_options_exit_2(argv, needle, capsys):
         main(TINY + argv)
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_decode_times_one_step_of_the_decode_op_and_dense(tmp_path, monkeypatch):
+    """--decode: each dilated row times dilated_attention_decode on one query at the end of a
+    cache of seq_len keys (timed once for all dilated rows: one op), dense SDPA over the whole
+    cache; rows without a decode step say so."""
+    from dilated_ops import functional
+    seen, real = [], functional.dilated_attention_decode
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.shape[1], k.shape[1], k.shape[2], kwargs["is_causal"]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "dilated_attention_decode", spy)
+    assert main(TINY + ["--seq-lens", "64,96", "--decode", "--kv-heads", "1", "--modes", "longnet",
+                        "--impls", "dilated-standard,dilated-improved,naive,dense", "--out-dir", str(tmp_path)]) == 0
+    rows = _csv(tmp_path)
+    notes = {(r["seq_len"], r["impl"]): r["note"] for r in rows if not r["median_ms"]}
+    assert notes == {
+        ("64", "dilated-improved"): "same call as dilated-standard (dilated_attention_decode): timed once, under "
+                                    "that name",
+        ("96", "dilated-improved"): "same call as dilated-standard (dilated_attention_decode): timed once, under "
+                                    "that name",
+        ("64", "naive"): "skipped: naive has no decode step (--decode times dilated_attention_decode and dense)",
+        ("96", "naive"): "skipped: naive has no decode step (--decode times dilated_attention_decode and dense)",
+    }
+    assert all(float(r["median_ms"]) > 0 for r in rows if r["impl"] in ("dilated-standard", "dense"))
+    assert {s for s in seen} == {(1, 64, 1, True), (1, 96, 1, True)}
+    flops = {r["seq_len"]: float(r["useful_tflops"]) * float(r["median_ms"]) * 1e9
+             for r in rows if r["impl"] == "dense" and r["pass"] == "fwd"}
+    assert flops["64"] == pytest.approx(4 * 8 * 2 * 64, rel=1e-3)  # 4 d h n: one query, every key
+
+
+def test_decode_flops_count_the_keys_a_step_reads():
+    # n = 20, the query at 19: branch (8, 1) reads 16..19 (4 keys, every head); branch (16, 2):
+    # segment 16.., class 1, keys 17 and 19, in longnet the heads with offset 1 (2 of 4)
+    assert _bench.decode_flops(20, 4, 8, [8, 16], [1, 2], "longnet") == 4 * 8 * (4 * 4 + 2 * 2)
+    # groups: heads 0-1 branch 0 (4 keys each), heads 2-3 branch 1 with offset 1 % 2 = 1 (2 keys each)
+    assert _bench.decode_flops(20, 4, 8, [8, 16], [1, 2], "groups") == 4 * 8 * (2 * 4 + 2 * 2)

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--documents", type=int, default=1,
                        help="packed sequences: each sequence is this many equal documents (cu_seqlens, "
                             "through dilated_ops.dilated_attention); only dilated rows with masks run")
+    bench.add_argument("--decode", action="store_true",
+                       help="time one decoding step instead: one query at the end of a KV cache of seq_len keys "
+                            "(dilated rows: dilated_attention_decode, causal; dense: SDPA over the whole cache)")
     bench.add_argument("--dense-max", type=int, default=65536,
                        help="largest seq_len timed with dense SDPA (0: no dense rows)")
     bench.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 20 CUDA, 5 CPU")

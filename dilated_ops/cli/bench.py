@@ -125,6 +125,9 @@ def validate(args) -> None:
         raise ValueError(f"impls must be among {', '.join(impl_names())} (aliases: "
                          f"{', '.join(f'{a} = {c}' for a, c in ALIASES.items())}): got {unknown}")
     args.impls = list(dict.fromkeys(canonical_impl(i) for i in args.impls))
+    if args.decode and (args.compile or args.documents > 1 or _world(args) > 1):
+        raise ValueError("decode times one eager step in one process: it takes no --compile, --documents or "
+                         "torchrun")
     if args.spread and args.repeats < 2:
         raise ValueError(f"repeats must be at least 2 with --spread (it takes deciles): got {args.repeats}")
     bad = [p for p in args.profile if p not in PROFILES]
@@ -191,9 +194,28 @@ def _extras_label(args) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _decode_callable(n, impl, mode, args, dtype):
+    """``--decode``: one query at the end of a cache of ``n`` keys (as :func:`_callable`)."""
+    h, d = args.heads, args.head_dim
+    q, k, v = _inputs(n, args, dtype)
+    q = q[:, -1:].detach().requires_grad_()
+    keep = _keep(n, args)
+    if impl == DENSE:
+        # one query at the end: not causal (it sees every cached key), as a dense model's decode step
+        return ((lambda: [_bench.dense(q, k, v, False, keep)]), (q, k, v), 4 * d * h * n)
+    segs, rates = args.segment_lengths, args.dilation_rates
+
+    def step():
+        return [functional.dilated_attention_decode(q, k, v, segs, rates, mode=mode, is_causal=True,
+                                                    key_padding_mask=keep)]
+    return step, (q, k, v), _bench.decode_flops(n, h, d, segs, rates, mode)
+
+
 def _callable(n, impl, mode, compile_mode, args, dtype):
     """(make_out, params, useful forward FLOPs) for one row: ``make_out()`` returns the list of
     outputs, ``params`` the leaves the backward fills."""
+    if args.decode:
+        return _decode_callable(n, impl, mode, args, dtype)
     h, d = args.heads, args.head_dim
     segs, rates, causal = args.segment_lengths, args.dilation_rates, args.causal
     variant = _variant(impl)
@@ -282,6 +304,13 @@ def _world(args) -> int:
 def _why_not_timed(n, impl, mode, args, dtype, timed_calls) -> Optional[str]:
     variant = _variant(impl)
     world = _world(args)
+    if args.decode:
+        if impl == DENSE:
+            return None
+        if variant is None or variant.process_group or "sparse_config" in variant.options:
+            return f"skipped: {impl} has no decode step (--decode times dilated_attention_decode and dense)"
+        same = timed_calls.setdefault("decode", impl)  # every dilated row steps through the one decode op
+        return None if same == impl else f"same call as {same} (dilated_attention_decode): timed once, under that name"
     if variant is not None:
         if not variant.built:
             return f"{NOT_BUILT}: {variant.missing}"
