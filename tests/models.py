@@ -39,13 +39,14 @@ def process_group(rank: int, world_size: int, init_file: str, backend: str = "gl
     """The default process group of a spawned test worker, rendezvous through ``init_file``.
     On a clean exit every rank meets at a barrier before the group is destroyed: a rank that
     tore its gloo connections down while a peer still finished its last collective aborted
-    that peer once (SIGABRT, "terminate called without an active exception") in CI."""
+    that peer once (SIGABRT, "terminate called without an active exception") in CI. A rank
+    that raises leaves the group as it is: its process ends with its error reported first
+    (closing the connections before that made a waiting peer's "connection reset" win the race
+    to be the job's error)."""
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs)
-    try:
-        yield
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def encoder():

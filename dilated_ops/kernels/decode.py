@@ -43,13 +43,19 @@ def _branch(q, k, w: int, r: int, head_offsets: torch.Tensor, positions: torch.T
         allowed = allowed & key_padding_mask[:, idx]
     selects = head_offsets[None, :] == cls[:, None]  # (sq, h)
     allowed = allowed[:, :, None, :] & selects[None, :, :, None]  # (b, sq, h, m)
-    s = torch.einsum("bqkgd,bqmkd->bqkgm", _grouped(q, h_kv), k[:, idx]).reshape(b, sq, h, -1) * scale
+    s = torch.einsum("bqkgd,bqmkd->bqkgm", _grouped(q, h_kv), _gather(k, idx, q.dtype)).reshape(b, sq, h, -1) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     row_ok = allowed.any(-1)  # (b, sq, h)
     s = torch.where(row_ok.unsqueeze(-1), s, torch.zeros((), dtype=s.dtype, device=s.device))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1)) * allowed
     return idx, p, lse.masked_fill(~row_ok, float("-inf"))
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x[:, idx]`` ``(b, sq, m, h_kv, d)`` in the compute ``dtype``: cast after the gather, so a
+    half-precision cache is never converted whole (that would cost O(context) per step)."""
+    return x[:, idx].to(dtype)
 
 
 def _grouped(x: torch.Tensor, h_kv: int) -> torch.Tensor:
@@ -61,7 +67,7 @@ def _grouped(x: torch.Tensor, h_kv: int) -> torch.Tensor:
 def _weighted_values(p: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``sum_m p[..., m] v[idx[q, m]]``: ``(b, sq, h, d)``."""
     b, sq, h, _ = p.shape
-    out = torch.einsum("bqkgm,bqmkd->bqkgd", _grouped(p, v.shape[2]), v[:, idx])
+    out = torch.einsum("bqkgm,bqmkd->bqkgd", _grouped(p, v.shape[2]), _gather(v, idx, p.dtype))
     return out.reshape(b, sq, h, v.shape[-1])
 
 
@@ -111,17 +117,17 @@ def decode_forward(
     b, sq, h, d = q.shape
     scale = default_scale(d, scale)
     ct = lse_dtype(q.dtype)  # half types accumulate in float32, as the lse
-    qc, kc, vc = (t.to(ct) for t in (q, k, v))
-    branches = list(_branches(qc, kc, segment_lengths, dilation_rates, mode, is_causal, scale, key_padding_mask))
+    qc = q.to(ct)  # k and v are cast as gathered
+    branches = list(_branches(qc, k, segment_lengths, dilation_rates, mode, is_causal, scale, key_padding_mask))
     if mode == "groups":
         out = torch.zeros(b, sq, h, d, dtype=ct, device=q.device)
         lse = torch.full((b, sq, h), float("-inf"), dtype=ct, device=q.device)
         for idx, p, lse_i, in_group in branches:
-            out = torch.where(in_group[:, None], _weighted_values(p, vc, idx) / len(branches), out)
+            out = torch.where(in_group[:, None], _weighted_values(p, v, idx) / len(branches), out)
             lse = torch.where(in_group, lse_i, lse)
     else:
         weights, lse = _combine_longnet([lse_i for _, _, lse_i, _ in branches])
-        out = sum(_weighted_values(p * wt.unsqueeze(-1), vc, idx) for (idx, p, _, _), wt in zip(branches, weights))
+        out = sum(_weighted_values(p * wt.unsqueeze(-1), v, idx) for (idx, p, _, _), wt in zip(branches, weights))
     return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
 
 
@@ -137,8 +143,8 @@ def decode_backward(grad_out, q, k, v, out, segment_lengths, dilation_rates, mod
     b, sq, h, d = q.shape
     scale = default_scale(d, scale)
     ct = lse_dtype(q.dtype)  # half types accumulate in float32, as the lse
-    qc, kc, vc, go = (t.to(ct) for t in (q, k, v, grad_out))
-    branches = list(_branches(qc, kc, segment_lengths, dilation_rates, mode, is_causal, scale, key_padding_mask))
+    qc, go = q.to(ct), grad_out.to(ct)  # k and v are cast as gathered
+    branches = list(_branches(qc, k, segment_lengths, dilation_rates, mode, is_causal, scale, key_padding_mask))
     delta = (go * out.to(ct)).sum(-1)  # (b, sq, h)
     if mode == "groups":
         shares = [in_group.to(ct).expand(b, sq, h) / len(branches) for _, _, _, in_group in branches]
@@ -147,10 +153,10 @@ def decode_backward(grad_out, q, k, v, out, segment_lengths, dilation_rates, mod
         shares, _ = _combine_longnet([lse_i for _, _, lse_i, _ in branches])
     h_kv = k.shape[2]
     dq = torch.zeros_like(qc)
-    dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
+    dk, dv = torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)
     for (idx, p, _, _), share in zip(branches, shares):
         probs = _grouped(p * share.unsqueeze(-1), h_kv)  # (b, sq, h_kv, group, m)
-        kg, vg = kc[:, idx], vc[:, idx]  # (b, sq, m, h_kv, d)
+        kg, vg = _gather(k, idx, ct), _gather(v, idx, ct)  # (b, sq, m, h_kv, d)
         dp = torch.einsum("bqkgd,bqmkd->bqkgm", _grouped(go, h_kv), vg)
         ds = probs * (dp - _grouped(delta, h_kv).unsqueeze(-1))
         dq = dq + torch.einsum("bqkgm,bqmkd->bqkgd", ds, kg).reshape(b, sq, h, d) * scale
