@@ -152,6 +152,38 @@ def test_bart_cross_attention_is_refused_at_equal_lengths():
     assert "encoder.layers.0.self_attn" in rewritten and not any("encoder_attn" in p for p in rewritten)
 
 
+def test_decode_steps_left_dense_after_a_rewritten_prompt_warn(recwarn):
+    """Issue 22: model.forward compiled through the backend, a prompt (rewritten) then a decode
+    step against its cache (query 1, keys 13: refused, dense): a warning names the mismatch and
+    attn_implementation="dilated". BART's cross-attention at unequal lengths is named
+    cross-attention (not a decode step) and does not warn."""
+    torch.manual_seed(5)
+    model = llama().float().eval()
+    backend = dilated_ops.backend([16], [1], inner="aot_eager")
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, backend=backend)
+    ids = torch.randint(0, 97, (1, 12))
+    out = forward(input_ids=ids, use_cache=True)
+    assert len(backend.reports[0].rewritten) == 2 and not [w for w in recwarn if "decode steps" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"2 attention call\(s\) of this graph are decode steps against a KV cache, "
+                                         r"left dense.*attn_implementation=\"dilated\""):
+        forward(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    assert [e.reason.split(" (")[0] for e in backend.report.refused] == ["query length 1 differs from key length 13"] * 2
+
+    cfg = transformers.BartConfig(vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, max_position_embeddings=64, attn_implementation="sdpa")
+    bart = transformers.BartModel(cfg).eval()
+    backend = dilated_ops.backend([16], [1], inner="aot_eager")
+    torch._dynamo.reset()
+    recwarn.clear()
+    torch.compile(bart, backend=backend)(input_ids=torch.randint(3, 97, (1, 16)),
+                                         decoder_input_ids=torch.randint(3, 97, (1, 8)))
+    cross = [e for r in backend.reports for e in r.refused if "encoder_attn" in e.module_path]
+    assert cross and all(e.reason.startswith("cross-attention") for e in cross), cross
+    assert not [w for w in recwarn if "decode steps" in str(w.message)]
+
+
 def test_eager_attention_warns_naming_attn_implementation_sdpa():
     torch.manual_seed(4)
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=1,

@@ -36,6 +36,7 @@ def rewrite(gm: torch.fx.GraphModule, *config, **options) -> RewriteReport:
 
 
 _SOFTMAX = ("softmax", "_softmax")
+_DECODE_STEP = "a decode step against a cache"  # in refusals.sdpa_problem's reason for q shorter than k
 
 
 def _has_softmax(gm: torch.fx.GraphModule) -> bool:
@@ -58,6 +59,15 @@ class DilatedBackend:
         report = rewrite(gm, self.config)
         self.report = report
         self.reports.append(report)
+        decode_steps = [e for e in report.refused if _DECODE_STEP in e.reason]
+        if decode_steps and any(r.rewritten for r in self.reports):
+            # A prompt rewritten into dilated attention, its decode steps left dense: a model that
+            # generates with attention it was not run (or trained) with, which nothing else would say.
+            warnings.warn(f"dilated_ops: {len(decode_steps)} attention call(s) of this graph are decode steps against "
+                          "a KV cache, left dense, while this backend rewrote other calls into dilated attention: the "
+                          "model would generate with a dilated prompt and dense decode steps. For generation use "
+                          "attn_implementation=\"dilated\" (Hugging Face) or LongNetLM.generate, which decode "
+                          f"dilated; refused: {decode_steps[0]}", stacklevel=2)
         inner = torch._dynamo.lookup_backend(self.inner) if isinstance(self.inner, str) else self.inner
         return inner(gm, example_inputs)
 

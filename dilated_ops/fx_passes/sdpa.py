@@ -89,7 +89,10 @@ def sdpa_calls(gm: torch.fx.GraphModule, targets, decider: Decider,
     plans = {}
 
     def problem(node, a):
-        reason = sdpa_problem(config, a) or extra_problem(node, a)
+        # Cross-attention first: whatever the lengths, it is named as such (a length mismatch
+        # left over is then a decode step against a cache, which the backend warns about).
+        reason = cross_attention_problem(a["query"], a["key"], a["value"]) or sdpa_problem(config, a) or \
+            extra_problem(node, a)
         if reason:
             return reason
         p = plan(gm, config, a)
