@@ -7,7 +7,8 @@ today those are the launch plans of ``kernels.segments.plan`` (Python data: whic
 which segment, rate and offset; no tensors, since the index math is strided views), the
 block-sparse layouts of named patterns with their gather plans (tensors, counted in bytes) and,
 where Triton is installed, the recorded launches of the Triton forward per input layout
-(integers and references to compiled kernels).
+(integers and references to compiled kernels) and the Triton decode kernel's chunk tables (small
+int32 tensors).
 """
 from __future__ import annotations
 
@@ -28,22 +29,14 @@ class Cache(NamedTuple):
     holds: str
 
 
-def _triton_replay():
-    """The Triton launch-replay module once a call has loaded it (with the Triton forward;
-    importing it here would load Triton with the package); None before that and on installs
-    without Triton."""
-    return sys.modules.get(f"{__package__}.kernels.triton_replay")
-
-
-def _recorded_launches() -> int:
-    module = _triton_replay()
-    return module.num_recorded() if module is not None else 0
-
-
-def _clear_recorded_launches() -> None:
-    module = _triton_replay()
-    if module is not None:
-        module.clear_recorded()
+def _module_cache(module: str, attribute: str, empty):
+    """A function that calls ``attribute`` of ``kernels.<module>`` once a call has loaded that
+    module, and returns ``empty`` before (the Triton modules: importing them here would load Triton
+    with the package) and on installs without Triton."""
+    def call():
+        loaded = sys.modules.get(f"{__package__}.kernels.{module}")
+        return getattr(loaded, attribute)() if loaded is not None else empty
+    return call
 
 
 CACHES: Dict[str, Cache] = {
@@ -62,11 +55,18 @@ CACHES: Dict[str, Cache] = {
               "gather plans: bool and int64 tensors on the inputs' device",
     ),
     "kernels.triton_replay.launches": Cache(
-        entries=_recorded_launches,
+        entries=_module_cache("triton_replay", "num_recorded", 0),
         tensor_bytes=lambda: 0,  # offsets, strides and compiled-kernel handles, no tensors
-        clear=_clear_recorded_launches,
+        clear=_module_cache("triton_replay", "clear_recorded", None),
         holds="Triton forward launches recorded per input layout (shapes, strides, alignment, config), with the "
               "C launcher's arguments for up to 16 sets of base pointers each (host TMA descriptors): Python data",
+    ),
+    "kernels.triton_decode.tables": Cache(
+        entries=_module_cache("triton_decode", "cache_entries", 0),
+        tensor_bytes=_module_cache("triton_decode", "cache_bytes", 0),
+        clear=_module_cache("triton_decode", "cache_clear", None),
+        holds="the Triton decode kernel's chunk tables per (segment_lengths, dilation_rates, mode, heads, device): "
+              "int32 tensors on the cache's device",
     ),
 }
 

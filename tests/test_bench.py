@@ -232,7 +232,7 @@ def test_profile_prints_the_kernel_table_and_the_host_profile(tmp_path, capsys):
     (["--profile", "gpu"], "profile must be among kernels, host: got ['gpu']"),
     (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     (["--dense-max", "-1"], "dense_max must be a positive int: got -1"),
-    (["--decode", "--compile", "default"], "decode times one eager step in one process: it takes no --compile"),
+    (["--decode", "--documents", "2"], "decode times one step in one process: it takes no --documents"),
 ])
 def test_bad_bench_arguments_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:

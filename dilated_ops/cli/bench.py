@@ -125,9 +125,8 @@ def validate(args) -> None:
         raise ValueError(f"impls must be among {', '.join(impl_names())} (aliases: "
                          f"{', '.join(f'{a} = {c}' for a, c in ALIASES.items())}): got {unknown}")
     args.impls = list(dict.fromkeys(canonical_impl(i) for i in args.impls))
-    if args.decode and (args.compile or args.documents > 1 or _world(args) > 1):
-        raise ValueError("decode times one eager step in one process: it takes no --compile, --documents or "
-                         "torchrun")
+    if args.decode and (args.documents > 1 or _world(args) > 1):
+        raise ValueError("decode times one step in one process: it takes no --documents or torchrun")
     if args.spread and args.repeats < 2:
         raise ValueError(f"repeats must be at least 2 with --spread (it takes deciles): got {args.repeats}")
     bad = [p for p in args.profile if p not in PROFILES]
@@ -194,28 +193,33 @@ def _extras_label(args) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def _decode_callable(n, impl, mode, args, dtype):
-    """``--decode``: one query at the end of a cache of ``n`` keys (as :func:`_callable`)."""
+def _decode_callable(n, impl, mode, compile_mode, args, dtype):
+    """``--decode``: one query at the end of a cache of ``n`` keys (as :func:`_callable`); with
+    ``--compile reduce-overhead`` each step replays a CUDA graph, as a serving loop runs it."""
     h, d = args.heads, args.head_dim
     q, k, v = _inputs(n, args, dtype)
     q = q[:, -1:].detach().requires_grad_()
     keep = _keep(n, args)
-    if impl == DENSE:
-        # one query at the end: not causal (it sees every cached key), as a dense model's decode step
-        return ((lambda: [_bench.dense(q, k, v, False, keep)]), (q, k, v), 4 * d * h * n)
     segs, rates = args.segment_lengths, args.dilation_rates
 
-    def step():
-        return [functional.dilated_attention_decode(q, k, v, segs, rates, mode=mode, is_causal=True,
-                                                    key_padding_mask=keep)]
-    return step, (q, k, v), _bench.decode_flops(n, h, d, segs, rates, mode)
+    def step(q, k, v):
+        if impl == DENSE:
+            # one query at the end: not causal (it sees every cached key), as a dense model's decode step
+            return _bench.dense(q, k, v, False, keep)
+        return functional.dilated_attention_decode(q, k, v, segs, rates, mode=mode, is_causal=True,
+                                                   key_padding_mask=keep)
+    if compile_mode:
+        torch._dynamo.reset()  # as _callable: a fresh Dynamo cache per row
+        step = torch.compile(step, mode=compile_mode, fullgraph=True)
+    flops = 4 * d * h * n if impl == DENSE else _bench.decode_flops(n, h, d, segs, rates, mode)
+    return (lambda: [step(q, k, v)]), (q, k, v), flops
 
 
 def _callable(n, impl, mode, compile_mode, args, dtype):
     """(make_out, params, useful forward FLOPs) for one row: ``make_out()`` returns the list of
     outputs, ``params`` the leaves the backward fills."""
     if args.decode:
-        return _decode_callable(n, impl, mode, args, dtype)
+        return _decode_callable(n, impl, mode, compile_mode, args, dtype)
     h, d = args.heads, args.head_dim
     segs, rates, causal = args.segment_lengths, args.dilation_rates, args.causal
     variant = _variant(impl)

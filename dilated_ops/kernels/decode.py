@@ -8,7 +8,8 @@ class: positions ``s + c, s + c + r, ...`` (``s`` the segment's start, ``c = (t 
 at most ``w / r`` of them, and only the heads whose offset is ``c`` select it at all. So a step
 gathers ``sum_i w_i / r_i`` keys per KV head whatever the context length.
 
-Both passes gather those keys (``k[:, idx]``) and work on them in PyTorch ops: a masked
+On CUDA the forward is :mod:`.triton_decode`'s kernels, which read those keys in place. Otherwise,
+and for the backward, both passes gather them (``k[:, idx]``) and work on them in PyTorch ops: a masked
 softmax per branch, SPEC section 3's combine, and the backward of that softmax (the
 probabilities recomputed, as a flash backward does), scattered back with ``index_add_``.
 """
@@ -100,6 +101,18 @@ def _combine_longnet(lses):
     return weights, total.masked_fill(~seen, float("-inf"))
 
 
+def _triton_decode(q: torch.Tensor, k: torch.Tensor):
+    """The Triton decode module when it applies to these inputs (CUDA), else None; imported on
+    first use, so CPU installs never load Triton."""
+    if not q.is_cuda:
+        return None
+    try:
+        from . import triton_decode
+    except ImportError:
+        return None
+    return triton_decode if triton_decode.supported(q, k) else None
+
+
 def decode_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,6 +127,10 @@ def decode_forward(
     """``(out, lse)``: out ``(batch, sq, heads, head_dim)`` in q's dtype, lse ``(batch, sq,
     heads)`` as :mod:`.dilated` defines it per mode (groups: the head's branch; longnet: the
     log of the summed softmax denominators), ``-inf`` where a query sees no key."""
+    triton_decode = _triton_decode(q, k)
+    if triton_decode is not None:
+        return triton_decode.forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale,
+                                     key_padding_mask)
     b, sq, h, d = q.shape
     scale = default_scale(d, scale)
     ct = lse_dtype(q.dtype)  # half types accumulate in float32, as the lse
