@@ -157,7 +157,10 @@ def _jobs(args) -> List[Tuple[int, str, str, Optional[str]]]:
                 if args.compile and _variant(impl) is not None and _variant(impl).built:
                     jobs.append((n, impl, mode, args.compile))
     if DENSE in args.impls:
-        jobs += [(n, DENSE, "", None) for n in args.seq_lens]
+        for n in args.seq_lens:
+            jobs.append((n, DENSE, "", None))
+            if args.decode and args.compile:  # a dense decode step as a serving loop runs it too
+                jobs.append((n, DENSE, "", args.compile))
     return jobs
 
 
