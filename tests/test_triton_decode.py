@@ -76,16 +76,16 @@ def interpreted_check():
     cases = itertools.product(["groups", "longnet"], [True, False], [(8, 2), (5, 5), (6, 1)], [(700, 1), (515, 3)])
     for mode, is_causal, (h, h_kv), (skv, sq) in cases:
         torch.manual_seed(skv + h)
-        q, k, v = torch.randn(3, sq, h, 32), torch.randn(3, skv, h_kv, 32), torch.randn(3, skv, h_kv, 32)
+        q, k, v = torch.randn(3, sq, h, 64), torch.randn(3, skv, h_kv, 64), torch.randn(3, skv, h_kv, 64)
         keep = torch.rand(3, skv) > 0.3
         keep[1] = False  # a batch row that sees no key: 0 and -inf
         keep = keep if h != 5 else None
         table = triton_decode._table(SEGS, RATES, mode, h, q.device)
         m = torch.empty(3 * sq, h, table.shape[0])
         out, lse = torch.empty_like(q), torch.empty(3, sq, h)
-        parts = (m, torch.empty_like(m), torch.empty(*m.shape, 32))
+        parts = (m, torch.empty_like(m), torch.empty(*m.shape, 64))
         for kernel, grid, args, constexprs, _ in triton_decode.launches(
-                q, k, v, out, lse, table, parts, is_causal, 32 ** -0.5, 1 / 3 if mode == "groups" else 1.0, keep):
+                q, k, v, out, lse, table, parts, is_causal, 64 ** -0.5, 1 / 3 if mode == "groups" else 1.0, keep):
             kernel[grid](*args, **constexprs)
         ref = dilated_decode_reference(q.double(), k.double(), v.double(), SEGS, RATES, mode=mode,
                                        is_causal=is_causal, key_padding_mask=keep)
@@ -99,7 +99,8 @@ def interpreted_check():
 def test_interpreted_kernels_match_the_reference():
     """The kernels' arithmetic on a CPU (Triton's interpreter, float32): out within 1e-5 of the
     float64 reference and lse of the op's PyTorch path, -inf where they are, for both modes,
-    causal or not, GQA groups 4 and 6 and none, one and three queries, with a key mask."""
+    causal or not, GQA groups 4 and 6 and none, one and three queries, with a key mask; head_dim
+    64, two slices of the merge."""
     import os
     import subprocess
     import sys

@@ -213,6 +213,10 @@ def _decode_callable(n, impl, mode, compile_mode, args, dtype):
                                                    key_padding_mask=keep)
     if compile_mode:
         torch._dynamo.reset()  # as _callable: a fresh Dynamo cache per row
+        for t in (k, v):
+            # A serving loop's cache lives at one address (transformers' StaticCache marks it so);
+            # unmarked, a CUDA graph would copy the whole cache into its own pool every step.
+            torch._dynamo.mark_static_address(t)
         step = torch.compile(step, mode=compile_mode, fullgraph=True)
     flops = 4 * d * h * n if impl == DENSE else _bench.decode_flops(n, h, d, segs, rates, mode)
     return (lambda: [step(q, k, v)]), (q, k, v), flops

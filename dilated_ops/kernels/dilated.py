@@ -169,11 +169,7 @@ def dilated_attention_forward(
     masked = key_padding_mask is not None
 
     if mode == "groups":
-        # A key mask takes the SDPA path: the Triton forward's key-mask variant (HAS_KM) failed to
-        # compile on an H100 (torch 2.11, Triton 3.6). It compiles now (tests/test_triton_forward.py)
-        # but has not been run on a GPU since; test_cuda's masked Triton cases say when it may be on.
-        use_triton = backend == "auto" and not masked
-        triton_mods = _triton_forward(q, dropout_p, scale) if use_triton else None
+        triton_mods = _triton_forward(q, dropout_p, scale) if backend == "auto" else None
         if triton_mods is not None:
             return _groups_triton(triton_mods, q, k, v, pairs, is_causal, scale, lse_dtype, num_branches,
                                   (tuple(segment_lengths), tuple(dilation_rates), head_start, total_heads),

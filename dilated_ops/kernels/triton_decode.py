@@ -152,17 +152,20 @@ def _decode_reduce(
     M_IN, L_IN, ACC_IN, O, LSE,
     sob, sos, soh, slb, sls, slh,
     SQ, H, out_scale,
-    C: tl.constexpr, BLOCK_C: tl.constexpr, HEAD_DIM: tl.constexpr,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # One program per (query row, head, BLOCK_D slice of head_dim): a decode step has few rows
+    # and heads, and a program per (row, head) alone left most of the GPU idle.
     row = tl.program_id(0)
     h = tl.program_id(1)
+    dpart = tl.program_id(2)
     b = row // SQ
     i = row % SQ
     base = (row * H + h) * C
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = dpart * BLOCK_D + tl.arange(0, BLOCK_D)
     m_run = tl.full([1], float("-inf"), tl.float32)
     l_run = tl.zeros([1], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         live = cs < C
@@ -182,7 +185,7 @@ def _decode_reduce(
     tl.store(O + b * sob + i * sos + h * soh + offs_d, out.to(O.dtype.element_ty))
     lse = tl.where(seen_any, (m_run + tl.math.log2(tl.where(seen_any, l_run, 1.0))) * 0.6931471805599453,
                    float("-inf"))
-    tl.store(LSE + b * slb + i * sls + h * slh + tl.arange(0, 1), lse.to(LSE.dtype.element_ty))
+    tl.store(LSE + b * slb + i * sls + h * slh + tl.arange(0, 1), lse.to(LSE.dtype.element_ty), mask=dpart == 0)
 
 
 def launches(q, k, v, out, lse, table, parts, is_causal: bool, scale: float, out_scale: float,
@@ -205,11 +208,12 @@ def launches(q, k, v, out, lse, table, parts, is_causal: bool, scale: float, out
              PRECISION="ieee" if q.dtype == torch.float32 else "tf32"),
         dict(num_warps=4),
     )
+    block_d = min(d, 32)
     reduce = (
-        _decode_reduce, (b * sq, h),
+        _decode_reduce, (b * sq, h, d // block_d),
         (*parts, out, lse, *out.stride()[:3], *lse.stride(), sq, h, out_scale),
         # the chunk count as a constant: one compile per segment configuration, a loop it unrolls
-        dict(C=chunks, BLOCK_C=32, HEAD_DIM=d),
+        dict(C=chunks, BLOCK_C=64, HEAD_DIM=d, BLOCK_D=block_d),
         dict(num_warps=4),
     )
     return [partial, reduce]
