@@ -42,11 +42,22 @@ def process_group(rank: int, world_size: int, init_file: str, backend: str = "gl
     that peer once (SIGABRT, "terminate called without an active exception") in CI. A rank
     that raises leaves the group as it is: its process ends with its error reported first
     (closing the connections before that made a waiting peer's "connection reset" win the race
-    to be the job's error)."""
+    to be the job's error).
+
+    After a clean exit the worker process ends right there (``os._exit(0)``, output flushed), so
+    a worker does all its work inside the block: gloo aborted a rank once more, after the barrier
+    and the destroy, as the interpreter shut down ("terminate called without an active
+    exception", CI), and ending the process skips that shutdown."""
+    import os
+    import sys
+
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs)
     yield
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def encoder():

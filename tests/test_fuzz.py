@@ -238,8 +238,8 @@ def _sequence_parallel_worker(rank: int, world_size: int, init_file: str, cases,
         failed = {strategy: [i for i in cases if not check_sequence_parallel(make(SEED, i, world_size), rank,
                                                                              world_size)]
                   for strategy, make in CASES.items()}
-    with open(f"{result_file}.{rank}", "w") as f:
-        json.dump(failed, f)
+        with open(f"{result_file}.{rank}", "w") as f:  # inside: the process ends with the block
+            json.dump(failed, f)
 
 
 def run_sequence_parallel(capsys, world_size: int, default_count: int) -> None:
