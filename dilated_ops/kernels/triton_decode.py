@@ -100,7 +100,8 @@ def _decode_partial(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    row = tl.program_id(0)  # batch * SQ + query
+    # int64 from here: a long cache's offsets (batch * its stride, position * its stride) pass 2^31
+    row = tl.program_id(0).to(tl.int64)  # batch * SQ + query
     kvh = tl.program_id(1)
     c = tl.program_id(2)
     b = row // SQ
